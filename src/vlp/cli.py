@@ -1,0 +1,146 @@
+"""`vlp <command>`: each subcommand parses its arguments and calls one library function."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+PRESETS = Path(__file__).parent / "configs"
+
+
+def resolve_config(name: str) -> Path:
+    """A TOML path, or the name of a bundled preset (`tiny`, `emoji-ernie-vil2`, ...)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (PRESETS / name, PRESETS / f"{name}.toml"):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(q.stem for q in PRESETS.glob("*.toml")))
+    raise SystemExit(f"error: config {name!r} is neither a file nor a bundled preset ({known})")
+
+
+def _load_cfg(args):
+    from vlp import config
+    try:
+        cfg = config.load(resolve_config(args.config), args.set or [])
+    except config.ConfigError as e:
+        raise SystemExit(f"error: {e}")
+    if args.out:
+        cfg.train.out = args.out
+    return cfg
+
+
+def cmd_data(args) -> None:
+    from vlp.data.emoji import build_emoji
+    counts = build_emoji(args.out, size=args.size, seed=args.seed)
+    print(json.dumps(counts, indent=1, ensure_ascii=False))
+
+
+def cmd_tokenizer(args) -> None:
+    from vlp.data.formats import read_records
+    from vlp.data.tokenizer import Tokenizer
+    records, report = read_records(args.data, split=args.split or None)
+    tok = Tokenizer.train([c for r in records for c in r.captions], vocab_size=args.vocab_size)
+    tok.save(args.out)
+    print(f"trained a WordPiece vocabulary of {tok.vocab_size} tokens on {len(records)} records -> {args.out}"
+          + (f" (skipped: {report.summary()})" if report.total() else ""))
+
+
+def cmd_train(args) -> None:
+    from vlp.train.loop import TrainingError, train
+    cfg = _load_cfg(args)
+    try:
+        run = train(cfg, resume=args.resume, init=getattr(args, "init", None), overwrite=args.overwrite)
+    except TrainingError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"run folder: {run}")
+
+
+def cmd_evaluate(args) -> None:
+    from vlp.data.formats import read_records
+    from vlp.eval.retrieval import evaluate, format_table
+    from vlp.train.checkpoint import load_checkpoint
+    model, tok, cfg = load_checkpoint(args.ckpt)
+    records, report = read_records(args.data, image_root=args.image_root, split=args.split or None)
+    if not records:
+        raise SystemExit(f"error: no records for split {args.split!r} in {args.data} ({report.summary()})")
+    res = evaluate(model, tok, records, image_size=cfg.model.image_size, max_len=cfg.model.text_max_len,
+                   lang=args.lang, batch_size=args.batch_size)
+    res["checkpoint"], res["data"], res["split"] = str(args.ckpt), str(args.data), args.split
+    if report.total():
+        res["skipped_records"] = report.summary()
+    print(format_table(res))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1, ensure_ascii=False))
+        print(f"wrote {args.out}")
+
+
+def cmd_quickstart(args) -> None:
+    from vlp.quickstart import quickstart
+    quickstart(out=args.out, data=args.data, overrides=args.set or [])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining, evaluation and search")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="build a dataset").add_subparsers(dest="dataset", required=True)
+    e = d.add_parser("emoji", help="the embedded bilingual emoji set (OpenMoji + Twemoji)")
+    e.add_argument("--out", default="data/emoji")
+    e.add_argument("--size", type=int, default=64)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(fn=cmd_data)
+
+    t = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="what", required=True)
+    tt = t.add_parser("train", help="train a WordPiece vocabulary on a dataset's captions")
+    tt.add_argument("--data", required=True)
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--split", default="train")
+    tt.add_argument("--vocab-size", type=int, default=8000)
+    tt.set_defaults(fn=cmd_tokenizer)
+
+    for name, help_ in (("pretrain", "pretrain from a config"), ("finetune", "fine-tune a checkpoint")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help="TOML file or bundled preset name")
+        s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+        s.add_argument("--out", help="run folder (default runs/<train.name>)")
+        s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+        s.add_argument("--overwrite", action="store_true", help="start again in a run folder that has checkpoints")
+        if name == "finetune":
+            s.add_argument("--init", required=True, help="checkpoint (run or step folder) to start from")
+        s.set_defaults(fn=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="retrieval recall@K of a checkpoint")
+    ev.add_argument("ckpt")
+    ev.add_argument("--data", required=True, help="Karpathy JSON, COCO captions JSON, CSV/TSV/JSONL or shards")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--image-root", default=None)
+    ev.add_argument("--lang", choices=["en", "zh"], default=None, help="keep captions of one language")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--out", help="write the metrics JSON here")
+    ev.set_defaults(fn=cmd_evaluate)
+
+    q = sub.add_parser("quickstart", help="the main job on the embedded emoji data, end to end")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--data", default="data/emoji")
+    q.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    q.set_defaults(fn=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("VLP_DEBUG"):
+            raise
+        raise SystemExit(f"error: {e}  (set VLP_DEBUG=1 for the traceback)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,212 @@
+"""Config: one frozen-by-convention dataclass per section, loaded from TOML, overridable by `--set`.
+
+    cfg = load("configs/emoji-ernie-vil2.toml", ["train.batch_size=64", "model.image_size=48"])
+
+An unknown section or key, or a value of the wrong type, raises `ConfigError` naming the key and
+the valid choices. `dump(cfg)` writes the resolved config back as TOML (every run saves it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "ernie-vil2"          # ernie-vil2 (more systems are added by their issues)
+    embed_dim: int = 256              # joint embedding size of the dual encoder
+    # text tower: a BERT checkpoint directory ("minilm" = the packaged all-MiniLM-L6-v2), or "" for scratch
+    text_init: str = "minilm"
+    text_width: int = 256             # only used when text_init == ""
+    text_layers: int = 4
+    text_heads: int = 4
+    text_max_len: int = 32
+    text_freeze_layers: int = 0       # bottom transformer layers kept frozen (0 = train all)
+    text_lr_scale: float = 1.0        # lr multiplier for pretrained text weights
+    extend_vocab: bool = True         # add caption characters the checkpoint's vocabulary lacks
+    # image tower: "vit" (our transformer over patches) or any torchvision classifier name
+    image_encoder: str = "resnet18"
+    image_weights: str = ""           # optional state-dict file for a torchvision trunk
+    image_size: int = 64
+    patch_size: int = 8               # vit only
+    vit_width: int = 256
+    vit_layers: int = 4
+    vit_heads: int = 4
+    dropout: float = 0.0
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_max: float = 100.0
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/emoji/dataset.json"   # Karpathy-style JSON, COCO captions, CSV/TSV/JSONL, or tar shards
+    image_root: str = ""              # folder image paths are relative to ("" = the manifest's folder)
+    train_split: str = "train"
+    eval_split: str = "val"
+    lang: str = ""                    # keep captions of one language only ("" = all)
+    build_emoji: bool = True          # build data/emoji first if `train` points there and it is missing
+    cache_images: bool = True         # decode every image once into RAM (small datasets)
+    num_workers: int = 0
+    augment: str = "crop"             # none | crop (random resized crop + flip-free; no hue shifts)
+    crop_scale: float = 0.8           # smallest crop area fraction
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    out: str = ""                     # run folder ("" = runs/<name>)
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0
+    clip_grad: float = 1.0
+    precision: str = "fp32"           # fp32 | bf16 (autocast)
+    log_every: int = 10
+    eval_every: int = 0               # 0 = only at the end
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    threads: int = 0                  # torch threads (0 = leave torch's default)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    chunk: int = 4096                 # rows of the similarity matrix held at once
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # objective name -> weight; the valid names depend on model.arch (see vlp.objectives)
+    objectives: dict[str, float] = field(default_factory=lambda: {"image_text": 1.0})
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(value, typ, key: str):
+    """Check (and gently widen: int -> float) a TOML value against the dataclass field type."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool):
+        if type(value) is not typ:
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _parse_scalar(text: str):
+    """`--set` values are parsed as TOML scalars; bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply(cfg: Config, section: str, key: str, value) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section [{section}]; valid: {', '.join(SECTIONS)}")
+    if section == "objectives":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"objectives.{key}: expected a number (its weight), got {value!r}")
+        cfg.objectives[key] = float(value)
+        return
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        raise ConfigError(f"unknown config key {section}.{key}; valid keys in [{section}]: {', '.join(hints)}")
+    setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = tomllib.loads(path.read_text())
+        if "objectives" in data:            # a preset's objective list replaces the default one
+            cfg.objectives = {}
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"top-level key {section!r} must be a [section]; valid: {', '.join(SECTIONS)}")
+            for key, value in table.items():
+                _apply(cfg, section, key, value)
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        dotted, text = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(cfg, section.strip(), key.strip(), _parse_scalar(text.strip()))
+    validate(cfg)
+    return cfg
+
+
+CHOICES = {
+    ("model", "arch"): ("ernie-vil2",),
+    ("train", "precision"): ("fp32", "bf16"),
+    ("data", "augment"): ("none", "crop"),
+}
+
+
+def validate(cfg: Config) -> None:
+    for (section, key), choices in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key} = {value!r}; valid choices: {', '.join(choices)}")
+    from vlp.objectives import valid_objectives   # the arch decides which objectives exist
+    valid = valid_objectives(cfg.model.arch)
+    for name, weight in cfg.objectives.items():
+        if name not in valid:
+            raise ConfigError(f"unknown objective {name!r} for {cfg.model.arch}; valid: {', '.join(valid)}")
+        if weight < 0:
+            raise ConfigError(f"objectives.{name}: weight must be >= 0, got {weight}")
+    if not any(w > 0 for w in cfg.objectives.values()):
+        raise ConfigError("no objective has a positive weight")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    cfg = Config()
+    cfg.objectives = {}
+    for section, table in d.items():
+        for key, value in table.items():
+            _apply(cfg, section, key, value)
+    validate(cfg)
+    return cfg
+
+
+def dump(cfg: Config) -> str:
+    """Resolved config as TOML (flat sections of scalars, so a tiny writer suffices)."""
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, float):
+            return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+        return str(v)
+    lines = []
+    for section, table in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in table.items()]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""The text encoder (BERT on our shared transformer) and Hugging Face BERT checkpoint loading/saving.
+
+    enc = load_bert("path/to/bert-dir", dropout=0.0)   # config.json + model.safetensors | pytorch_model.bin
+    out = enc(ids, mask)                               # Tokens: x (B, L, D), mask (B, L)
+    save_bert(enc, "out-dir")                          # readable by load_bert and transformers.BertModel
+
+Loading maps names by a short table (`hf_name`), fills every one of our parameters and fails with the
+tensor's name when one is missing, has the wrong shape, or the checkpoint holds encoder tensors we
+would silently drop. Heads (pooler, cls, ...) and `position_ids` buffers are ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from vlp.layers import BertConfig, BertEmbeddings, Tokens, Transformer, init_weights
+
+
+class TextEncoder(nn.Module):
+    """BERT: embeddings + post-LN transformer. forward(ids, mask) -> Tokens (no pooler: models pool)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.transformer = Transformer(cfg.transformer)
+        self.embeddings.apply(init_weights)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.transformer.width
+
+    def forward(self, ids: Tensor, mask: Tensor, token_type: Tensor | None = None) -> Tokens:
+        """ids (B, L) long, mask (B, L) bool (True = real token), token_type (B, L) long or None."""
+        x = self.embeddings(ids, token_type)          # (B, L, D)
+        return Tokens(self.transformer(x, mask), mask)
+
+    def resize_vocab(self, new_size: int) -> None:
+        """Grow the word embedding to `new_size` rows; old rows are kept, new rows start at the mean
+        of the old ones. The mean is where an "average" token sits, so new tokens enter the pretrained
+        layers in-distribution (random rows would have a different scale and swamp early steps).
+        Call before building the optimizer: the embedding parameter is replaced."""
+        old = self.embeddings.word
+        if new_size < old.num_embeddings:
+            raise ValueError(f"resize_vocab: cannot shrink vocabulary from {old.num_embeddings} to {new_size}")
+        if new_size == old.num_embeddings:
+            return
+        new = nn.Embedding(new_size, old.embedding_dim, padding_idx=old.padding_idx,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight[: old.num_embeddings] = old.weight
+            new.weight[old.num_embeddings:] = old.weight.mean(dim=0)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.embeddings.word = new
+        self.cfg = dataclasses.replace(self.cfg, vocab_size=new_size)
+
+
+# --- Hugging Face names -------------------------------------------------------------------------
+
+_EMBEDDINGS = {"word": "word_embeddings", "position": "position_embeddings",
+               "token_type": "token_type_embeddings", "norm": "LayerNorm"}
+_BLOCK = {"attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
+          "attn.proj": "attention.output.dense", "norm1": "attention.output.LayerNorm",
+          "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense", "norm2": "output.LayerNorm"}
+_OUR_NAME = re.compile(r"transformer\.blocks\.(\d+)\.(.+)\.(weight|bias)")
+_IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids")   # buffers, not weights
+_HF_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+_OVERRIDABLE = ("dropout", "attn_dropout")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def hf_name(ours: str) -> str:
+    """Our parameter name -> the Hugging Face BertModel name (no "bert." prefix)."""
+    if ours.startswith("embeddings."):
+        _, module, leaf = ours.split(".")
+        return f"embeddings.{_EMBEDDINGS[module]}.{leaf}"
+    match = _OUR_NAME.fullmatch(ours)
+    if match is None:
+        raise KeyError(f"no Hugging Face name for parameter {ours!r}")
+    layer, module, leaf = match.groups()
+    return f"encoder.layer.{layer}.{_BLOCK[module]}.{leaf}"
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"BERT checkpoint directory not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: a BERT checkpoint directory needs config.json")
+    hf = json.loads(config_file.read_text())
+    model_type = hf.get("model_type", "bert")      # old BERT configs carry no model_type
+    if model_type not in ("bert", "ernie"):
+        raise ValueError(f"{config_file}: model_type {model_type!r} is not BERT (expected 'bert' or 'ernie')")
+    position_type = hf.get("position_embedding_type", "absolute")
+    if position_type != "absolute":
+        raise ValueError(f"{config_file}: position_embedding_type {position_type!r} not supported (only 'absolute')")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if k not in hf]
+    if missing:
+        raise ValueError(f"{config_file}: not a BERT config, missing {missing}")
+    return hf
+
+
+def _read_weights(path: Path) -> tuple[dict[str, Tensor], Path]:
+    """All tensors of the checkpoint (safetensors preferred, sharded index files followed)."""
+    for name in _WEIGHT_FILES:
+        file = path / name
+        if file.is_file():
+            break
+    else:
+        raise FileNotFoundError(f"no weights in {path}: looked for {', '.join(_WEIGHT_FILES)}")
+    if file.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+    else:
+        shards = [file.name]
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        if shard.endswith(".safetensors"):
+            state.update(load_file(path / shard))
+        else:
+            state.update(torch.load(path / shard, map_location="cpu", weights_only=True))
+    return state, file
+
+
+def _bert_part(state: dict[str, Tensor], file: Path) -> dict[str, Tensor]:
+    """Keep the tensors under the BERT prefix ("", "bert.", "ernie.", ...), strip it, and rename the
+    legacy LayerNorm gamma/beta of TF-converted checkpoints."""
+    anchor = "embeddings.word_embeddings.weight"
+    prefixes = sorted((k[: -len(anchor)] for k in state if k.endswith(anchor)), key=len)
+    if not prefixes:
+        raise ValueError(f"{file}: not a BERT checkpoint, no tensor named '{anchor}' (with any prefix)")
+    prefix = prefixes[0]
+    out = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key[len(prefix):])
+            out[re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)] = value
+    return out
+
+
+def _fold_task_type(hf_state: dict[str, Tensor], hf: dict[str, Any]) -> None:
+    """ERNIE with use_task_id adds task_type_embeddings[0] to every token (task id 0 by default):
+    the same as adding it to every token-type row, which keeps our model plain BERT."""
+    task = hf_state.pop("embeddings.task_type_embeddings.weight", None)
+    if task is not None and hf.get("use_task_id", False):
+        key = "embeddings.token_type_embeddings.weight"
+        hf_state[key] = hf_state[key] + task[0]
+
+
+def _to_ours(hf_state: dict[str, Tensor], model: TextEncoder, file: Path) -> dict[str, Tensor]:
+    ours, missing, wrong = {}, [], []
+    for name, param in model.state_dict().items():
+        key = hf_name(name)
+        if key not in hf_state:
+            missing.append(key)
+        elif hf_state[key].shape != param.shape:
+            wrong.append(f"{key} {tuple(hf_state[key].shape)} vs expected {tuple(param.shape)}")
+        else:
+            ours[name] = hf_state[key]
+    used = {hf_name(n) for n in ours} | set(_IGNORED)
+    extra = [k for k in hf_state if k.startswith(("embeddings.", "encoder.")) and k not in used]
+    if missing:
+        raise ValueError(f"{file}: missing tensor(s) {_few(missing)} (checkpoint does not match config.json)")
+    if wrong:
+        raise ValueError(f"{file}: tensor shape mismatch: {_few(wrong)} (checkpoint does not match config.json)")
+    if extra:
+        raise ValueError(f"{file}: unexpected encoder tensor(s) {_few(extra)}: not plain BERT, or more layers "
+                         "than config.json says")
+    return ours
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def load_bert(path: str | Path, **overrides: float) -> TextEncoder:
+    """A TextEncoder from any Hugging Face BERT checkpoint directory. `overrides` may set
+    `dropout` / `attn_dropout` (e.g. 0.0 for feature extraction)."""
+    path = Path(path)
+    bad = sorted(set(overrides) - set(_OVERRIDABLE))
+    if bad:
+        raise TypeError(f"load_bert: cannot override {bad}; allowed: {list(_OVERRIDABLE)}")
+    hf = _read_config(path)
+    cfg = BertConfig.from_hf(hf).replace(**overrides)
+    state, file = _read_weights(path)
+    hf_state = _bert_part(state, file)
+    _fold_task_type(hf_state, hf)
+    model = TextEncoder(cfg)
+    model.load_state_dict(_to_ours(hf_state, model, file))
+    return model
+
+
+def save_bert(model: TextEncoder, path: str | Path) -> None:
+    """Write config.json + model.safetensors in Hugging Face BertModel names (no tokenizer files)."""
+    cfg, t = model.cfg, model.cfg.transformer
+    if t.pre_ln:
+        raise ValueError("save_bert: a pre-LN transformer is not a BERT; Hugging Face BertModel is post-LN")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf = {
+        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": cfg.vocab_size,
+        "hidden_size": t.width, "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
+        "intermediate_size": t.mlp_width, "hidden_act": _HF_ACTS[t.act], "hidden_dropout_prob": t.dropout,
+        "attention_probs_dropout_prob": t.attn_dropout, "max_position_embeddings": cfg.max_position,
+        "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": t.eps, "pad_token_id": cfg.pad_id,
+        "position_embedding_type": "absolute", "initializer_range": 0.02,
+    }
+    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    state = {hf_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})

@@ -1,0 +1,81 @@
+"""ERNIE-ViL 2.0's dual encoder (Shan et al. 2022, Sec. 3.1): two towers, L2-normalised embeddings.
+
+The text tower is our BERT (`TextEncoder`), mean-pooled over real tokens (as the MiniLM checkpoint was
+trained) and projected; the image tower is a ViT (`PatchEncoder`, [CLS] token) or a torchvision CNN
+trunk (mean over the feature map), projected. Retrieval is a dot product of the two embeddings, so a
+collection is embedded once and searched with an index.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlp.layers import Tokens
+
+
+class DualOutput(NamedTuple):
+    image: Tensor | None            # (B, D) L2-normalised, first image view
+    text: Tensor | None             # (B, D) first caption view
+    image2: Tensor | None = None    # second image view (other style / augmentation)
+    text2: Tensor | None = None     # second caption view (other language / caption)
+    tags: Tensor | None = None      # tag sequence as a textual view
+    logit_scale: Tensor | None = None
+
+
+def mean_pool(t: Tokens) -> Tensor:
+    m = t.mask.unsqueeze(-1).to(t.x.dtype)                          # (B, N, 1)
+    return (t.x * m).sum(1) / m.sum(1).clamp_min(1.0)               # (B, D)
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, text: nn.Module, image: nn.Module, embed_dim: int, image_pool: str = "mean",
+                 logit_scale_init: float = math.log(1 / 0.07), logit_scale_max: float = 100.0):
+        super().__init__()
+        self.text, self.image = text, image
+        self.image_pool = image_pool                                 # "cls" (ViT) | "mean" (CNN)
+        self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
+        self.image_norm = nn.LayerNorm(image.width)
+        self.image_proj = nn.Linear(image.width, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        self.max_log_scale = math.log(logit_scale_max)
+
+    def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids, mask: (B, L) -> (B, D) unit vectors."""
+        return F.normalize(self.text_proj(mean_pool(self.text(ids, mask))), dim=-1)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """images: (B, 3, H, W) normalised floats -> (B, D) unit vectors."""
+        t = self.image(images)
+        pooled = t.x[:, 0] if self.image_pool == "cls" else mean_pool(t)    # (B, C)
+        return F.normalize(self.image_proj(self.image_norm(pooled)), dim=-1)
+
+    def scale(self) -> Tensor:
+        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+
+    def forward(self, batch) -> DualOutput:
+        """Encode every view the batch carries; both image views go through the tower in one pass."""
+        images = batch.images if batch.images2 is None else torch.cat([batch.images, batch.images2])
+        img = self.encode_image(images)                              # (B or 2B, D)
+        img1, img2 = (img, None) if batch.images2 is None else img.chunk(2)
+        texts = [(batch.text_ids, batch.text_mask)]
+        for ids, mask in ((batch.text2_ids, batch.text2_mask), (batch.tag_ids, batch.tag_mask)):
+            if ids is not None:
+                texts.append((ids, mask))
+        txt = self._encode_texts(texts)
+        it = iter(txt)
+        t1 = next(it)
+        t2 = next(it) if batch.text2_ids is not None else None
+        tags = next(it) if batch.tag_ids is not None else None
+        return DualOutput(img1, t1, img2, t2, tags, self.scale())
+
+    def _encode_texts(self, texts: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """Several (B, L_i) text views in one tower pass: pad to a common length, split back."""
+        L = max(ids.shape[1] for ids, _ in texts)
+        ids = torch.cat([F.pad(i, (0, L - i.shape[1])) for i, _ in texts])      # (V*B, L)
+        mask = torch.cat([F.pad(m, (0, L - m.shape[1])) for _, m in texts])     # (V*B, L)
+        emb = self.encode_text(ids, mask)                                        # (V*B, D)
+        return list(emb.split([i.shape[0] for i, _ in texts]))

@@ -1,0 +1,22 @@
+"""Objectives: modules with forward(output, batch) -> scalar loss; their weights live in the config."""
+from __future__ import annotations
+
+from torch import nn
+
+from vlp.objectives.contrastive import VIEWS, Contrastive
+
+OBJECTIVES = {
+    "ernie-vil2": tuple(VIEWS),
+}
+
+
+def valid_objectives(arch: str) -> tuple[str, ...]:
+    return OBJECTIVES.get(arch, ())
+
+
+def build_objectives(arch: str, weights: dict[str, float]) -> dict[str, tuple[float, nn.Module]]:
+    """name -> (weight, module), skipping zero weights. One `match` per architecture, no registry."""
+    match arch:
+        case "ernie-vil2":
+            return {name: (w, Contrastive(name)) for name, w in weights.items() if w > 0}
+    raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(OBJECTIVES)}")

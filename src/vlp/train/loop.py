@@ -1,0 +1,211 @@
+"""The one training loop, read top to bottom. Periodic work is `if step % n == 0`.
+
+    run_dir = train(cfg)                        # pretrain
+    run_dir = train(cfg, init="runs/x")         # fine-tune from a checkpoint's weights
+    run_dir = train(cfg, resume=True)           # continue exactly where the newest checkpoint stopped
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from vlp import config as config_lib
+from vlp.data.collate import Collator, views_for
+from vlp.data.formats import SkipReport, read_records
+from vlp.data.pairs import PairDataset, ResumableBatches
+from vlp.models import build_model
+from vlp.objectives import build_objectives
+from vlp.train import checkpoint as ckpt
+from vlp.train import dist
+from vlp.train.optim import build_optimizer, build_scheduler
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def prepare_data(cfg: config_lib.Config, split: str, report: SkipReport, progress: bool = True):
+    """Read the manifest (building the emoji set first when asked to) -> records of one split."""
+    if cfg.data.build_emoji and Path(cfg.data.train).parent.name == "emoji" and not Path(cfg.data.train).exists():
+        from vlp.data.emoji import build_emoji
+        build_emoji(Path(cfg.data.train).parent, size=max(cfg.model.image_size, 64), progress=progress)
+    records, skipped = read_records(cfg.data.train, image_root=cfg.data.image_root or None, split=split,
+                                    lang=cfg.data.lang or None)
+    report.merge(skipped)
+    if not records:
+        raise ValueError(f"no usable records for split {split!r} in {cfg.data.train} ({skipped.summary()})")
+    return records
+
+
+def build_tokenizer(cfg: config_lib.Config, texts: list[str]):
+    """The text checkpoint's vocabulary (extended with the captions' missing characters), or a new one."""
+    from vlp.data.tokenizer import Tokenizer, resolve_checkpoint_dir
+    if cfg.model.text_init:
+        tok = Tokenizer.from_dir(resolve_checkpoint_dir(cfg.model.text_init))
+        if cfg.model.extend_vocab:
+            tok.extend(texts)
+        return tok
+    return Tokenizer.train(texts, vocab_size=8000)
+
+
+def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None, progress: bool = True,
+          overwrite: bool = False) -> Path:
+    device = dist.init()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed + dist.rank())
+    t = cfg.train
+    run_dir = Path(t.out or f"runs/{t.name}")
+    if not resume and (run_dir / "checkpoints").exists():
+        if not overwrite:
+            raise TrainingError(f"{run_dir} already holds checkpoints: pass --resume to continue it, --overwrite "
+                                f"to start again, or --out for a new folder")
+        if dist.is_main():
+            import shutil
+            shutil.rmtree(run_dir / "checkpoints")
+    log = _Logger(run_dir, enabled=dist.is_main(), append=resume)
+
+    # --- data and tokenizer --------------------------------------------------------------------------
+    report = SkipReport()
+    records = prepare_data(cfg, cfg.data.train_split, report, progress)
+    start_step, state = 0, None
+    if resume:
+        try:
+            state = ckpt.trainer_state(run_dir)
+        except FileNotFoundError:
+            log.info(f"--resume: no checkpoint in {run_dir} yet, starting from step 0")
+    if state is not None or init:
+        model, tokenizer, _ = ckpt.load_checkpoint(run_dir if state is not None else init)
+        model.train()
+    else:
+        tokenizer = build_tokenizer(cfg, [c for r in records for c in r.captions])
+        model = build_model(cfg.model, tokenizer.vocab_size)
+    group_key = "hex" if any("hex" in r.meta for r in records) else ""
+    dataset = PairDataset(records, cfg.model.image_size, group_key=group_key, augment=cfg.data.augment,
+                          crop_scale=cfg.data.crop_scale, seed=t.seed, report=report, progress=progress)
+    log.info(f"train: {len(dataset.records)} images in {len(dataset)} groups; tokenizer: {tokenizer.vocab_size} "
+             f"tokens; skipped: {report.summary() or 'nothing'}")
+
+    # --- model, objectives, optimiser ---------------------------------------------------------------
+    model.to(device)
+    objectives = build_objectives(cfg.model.arch, cfg.objectives)
+    opt = build_optimizer(model, t.lr, t.weight_decay, cfg.model.text_lr_scale)
+    sched = build_scheduler(opt, t.warmup_steps, t.steps, t.min_lr_ratio)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_step = state["step"]
+        log.truncate(start_step)
+        log.info(f"resumed from step {start_step}")
+    ddp = DistributedDataParallel(model) if dist.world() > 1 else model
+    if not resume or state is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            (run_dir / "config.toml").write_text(config_lib.dump(cfg))
+    batches = ResumableBatches(len(dataset), t.batch_size, t.seed, start=start_step * t.grad_accum,
+                               rank=dist.rank(), world=dist.world())
+    collate = Collator(tokenizer, cfg.model.text_max_len, views_for(cfg.objectives))
+    loader = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.data.num_workers))
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
+                else contextlib.nullcontext())
+    eval_records = _eval_records(cfg, report)
+
+    # --- the loop -----------------------------------------------------------------------------------
+    bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=t.name,
+               disable=not (progress and dist.is_main()))
+    tick, seen = time.perf_counter(), 0
+    for step in bar:
+        model.train()
+        totals: dict[str, float] = {}
+        for _ in range(t.grad_accum):
+            batch = next(loader).to(device)
+            with autocast:
+                out = ddp(batch)
+                losses = {name: w * obj(out, batch) for name, (w, obj) in objectives.items()}
+                loss = sum(losses.values()) / t.grad_accum
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {loss.item()} at step {step} ({_fmt(losses)}); stopped. The last good "
+                                    f"checkpoint in {run_dir / 'checkpoints'} is intact: lower train.lr or check the data")
+            loss.backward()
+            for name, v in losses.items():
+                totals[name] = totals.get(name, 0.0) + v.item() / t.grad_accum
+            seen += len(batch) * dist.world()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad or float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+
+        if done % t.log_every == 0 or done == t.steps:
+            elapsed = time.perf_counter() - tick
+            row = {"step": done, "loss": sum(totals.values()), **totals, "lr": sched.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "logit_scale": float(model.scale()) if hasattr(model, "scale") else None,
+                   "pairs_per_s": seen / max(elapsed, 1e-9)}
+            log.metrics(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", pairs_s=f"{row['pairs_per_s']:.0f}")
+            tick, seen = time.perf_counter(), 0
+        if eval_records and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
+            log.metrics({"step": done, "split": cfg.data.eval_split, **_evaluate(model, tokenizer, eval_records, cfg)})
+        if (t.save_every and done % t.save_every == 0) or done == t.steps:
+            if dist.is_main():
+                ckpt.save_checkpoint(run_dir, done, model, tokenizer, cfg, keep=t.keep_checkpoints, trainer_state={
+                    "step": done, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state()})
+            dist.barrier()
+    bar.close()
+    return run_dir
+
+
+def _eval_records(cfg, report):
+    if not cfg.data.eval_split:
+        return []
+    try:
+        return prepare_data(cfg, cfg.data.eval_split, report, progress=False)
+    except ValueError:
+        return []
+
+
+def _evaluate(model, tokenizer, records, cfg) -> dict:
+    from vlp.eval.retrieval import evaluate
+    res = evaluate(model, tokenizer, records, image_size=cfg.model.image_size, max_len=cfg.model.text_max_len,
+                   batch_size=cfg.eval.batch_size, progress=False)
+    return {k: v for k, v in res.items() if not isinstance(v, dict)}
+
+
+def _fmt(losses: dict) -> str:
+    return ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+
+
+class _Logger:
+    """metrics.jsonl (one JSON object per line) + messages through tqdm so bars stay intact."""
+
+    def __init__(self, run_dir: Path, enabled: bool, append: bool):
+        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not append and self.path.exists():
+                self.path.unlink()
+
+    def metrics(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
+
+    def truncate(self, step: int) -> None:
+        """On resume, drop rows an interrupted run logged after its last checkpoint."""
+        if self.enabled and self.path.exists():
+            rows = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            tqdm.write(msg)
