@@ -56,6 +56,8 @@ def test_matrix_matches_naive_with_rounded_ties(seed):
     ks = (1, 2, 5, 10)
     fast = recall_at_k(scores, t2i, ks=ks, chunk=7)
     assert_same(fast, naive_recall(scores.tolist(), t2i.tolist(), ks))
+    assert recall_at_k(scores.T.contiguous().T, t2i, ks=ks, chunk=7) == fast  # column-major input
+    assert recall_at_k(scores.double(), t2i, ks=ks, chunk=100) == fast
     assert (fast["n_images"], fast["n_texts"]) == (n_images, n_texts)
 
 
@@ -81,6 +83,9 @@ def test_perfect_scores():
     scores = torch.nn.functional.one_hot(t2i, 10).float()  # (30, 10)
     m = recall_at_k(scores, t2i)
     assert m["rsum"] == 600.0 and m["i2t_medr"] == 1.0 and m["t2i_meanr"] == 1.0
+    emb = torch.eye(10)
+    assert recall_at_k(scores.requires_grad_(), t2i) == m  # autograd-tracked inputs are fine
+    assert recall_at_k_from_embeddings(emb[t2i].requires_grad_(), emb.bfloat16(), t2i) == m
 
 
 def test_coco_1k_equals_mean_over_folds():
@@ -121,8 +126,8 @@ def test_bad_inputs_give_clear_errors():
         recall_at_k(scores, [0, 1, 3, 2])
     with pytest.raises(ValueError, match="one entry per query"):
         recall_at_k(scores, [0, 1, 2])
-    with pytest.raises(ValueError, match="NaN"):
-        recall_at_k(torch.full((4, 3), float("nan")), [0, 1, 2, 0])
+    with pytest.raises(ValueError, match="NaN \\(first in row 2\\)"):
+        recall_at_k(torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, float("nan"), 0], [1, 0, 0]]), [0, 1, 2, 0], chunk=2)
     with pytest.raises(ValueError, match="image_emb has non-finite values in 1 rows \\(first: row 1\\)"):
         recall_at_k_from_embeddings(torch.ones(4, 2), torch.tensor([[1.0, 0], [math.inf, 0]]), [0, 1, 0, 1])
     with pytest.raises(ValueError, match="dim"):

@@ -49,8 +49,9 @@ class ModelConfig:
 class DataConfig:
     train: str = "data/emoji/dataset.json"   # Karpathy-style JSON, COCO captions, CSV/TSV/JSONL, or tar shards
     image_root: str = ""              # folder image paths are relative to ("" = the manifest's folder)
+    eval: str = ""                    # evaluation manifest ("" = the training manifest)
     train_split: str = "train"
-    eval_split: str = "val"
+    eval_split: str = "val"           # split evaluated during training ("" = none)
     lang: str = ""                    # keep captions of one language only ("" = all)
     build_emoji: bool = True          # build data/emoji first if `train` points there and it is missing
     cache_images: bool = True         # decode every image once into RAM (small datasets)

@@ -98,7 +98,8 @@ class Attention(nn.Module):
         B, N, D = x.shape
         # (B, N, D) -> (B, N, H, D/H) -> (B, H, N, D/H)
         q, k, v = (f(x).view(B, N, self.heads, D // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, N) -> (B, 1, 1, N), broadcast over heads and queries
+        # (B, N) -> (B, 1, 1, N): the same key mask for every head and query
+        attn_mask = None if mask is None else mask[:, None, None, :]
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, N, D))  # (B, H, N, D/H) -> (B, N, D)

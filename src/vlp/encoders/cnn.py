@@ -74,7 +74,7 @@ class TorchvisionTrunk(nn.Module):
         model = torchvision.models.get_model(name, weights=None)
         self.body = nn.Sequential(OrderedDict((child, getattr(model, child)) for child in trunk))
         self.width = next(m for m in getattr(model, head).modules() if isinstance(m, nn.Linear)).in_features
-        self.head_keys = {k for k in model.state_dict() if k.split(".")[0] not in trunk}
+        self._head_keys = {k for k in model.state_dict() if k.split(".")[0] not in trunk}
         if stem == "small":
             if not family.startswith("ResNet"):
                 raise ValueError(f"TorchvisionTrunk: stem='small' is for the ResNet family only, not {name!r}")
@@ -88,7 +88,7 @@ class TorchvisionTrunk(nn.Module):
         """Load a torchvision-named state dict; head tensors are ignored, anything else must match."""
         state = read_state_dict(file)
         ours = self.body.state_dict()
-        state = {k: v for k, v in state.items() if k not in self.head_keys}
+        state = {k: v for k, v in state.items() if k not in self._head_keys}
         unexpected = sorted(set(state) - set(ours))
         # old torchvision checkpoints carry no BatchNorm num_batches_tracked counters
         missing = sorted(k for k in set(ours) - set(state) if not k.endswith("num_batches_tracked"))
@@ -109,6 +109,7 @@ class TorchvisionTrunk(nn.Module):
 
     def forward(self, images: Tensor) -> Tokens:
         """images (B, 3, H, W) -> Tokens x (B, H'*W', C), mask all True."""
-        x = self.feature_map(images).flatten(2).transpose(1, 2)   # (B, C, H', W') -> (B, C, H'*W') -> (B, H'*W', C)
+        x = self.feature_map(images)            # (B, C, H', W')
+        x = x.flatten(2).transpose(1, 2)        # (B, C, H'*W') -> (B, H'*W', C)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)   # (B, H'*W')
         return Tokens(x, mask)

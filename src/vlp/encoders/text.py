@@ -101,7 +101,8 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"{config_file}: model_type {model_type!r} is not BERT (expected 'bert' or 'ernie')")
     position_type = hf.get("position_embedding_type", "absolute")
     if position_type != "absolute":
-        raise ValueError(f"{config_file}: position_embedding_type {position_type!r} not supported (only 'absolute')")
+        raise ValueError(f"{config_file}: position_embedding_type {position_type!r} is not supported "
+                         "(only 'absolute')")
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size") if k not in hf]
     if missing:
@@ -194,8 +195,11 @@ def load_bert(path: str | Path, **overrides: float) -> TextEncoder:
     state, file = _read_weights(path)
     hf_state = _bert_part(state, file)
     _fold_task_type(hf_state, hf)
-    model = TextEncoder(cfg)
-    model.load_state_dict(_to_ours(hf_state, model, file))
+    with torch.device("meta"):                 # no random init: every tensor comes from the checkpoint
+        model = TextEncoder(cfg)
+    # fp16/bf16 checkpoints become float32 parameters
+    ours = {k: v.float().contiguous() for k, v in _to_ours(hf_state, model, file).items()}
+    model.load_state_dict(ours, assign=True)
     return model
 
 

@@ -6,22 +6,39 @@ from torch import nn
 from vlp.config import ModelConfig
 
 
-def build_text_tower(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """A BERT checkpoint (grown to the tokenizer's vocabulary) or a fresh BERT of the configured size."""
+def build_text_tower(cfg: ModelConfig, vocab_size: int, saved: dict | None = None) -> nn.Module:
+    """A BERT checkpoint (grown to the tokenizer's vocabulary), a fresh BERT of the configured size, or
+    the architecture a vlp checkpoint recorded (`saved`, from text_config.json; weights loaded later)."""
     from vlp.data.tokenizer import resolve_checkpoint_dir
     from vlp.encoders.text import TextEncoder
     from vlp.layers import BertConfig, TransformerConfig, load_bert
 
+    if saved is not None:
+        bert = dict(saved["bert"])
+        bert["transformer"] = TransformerConfig(**bert["transformer"])
+        text = TextEncoder(BertConfig(**bert))
+        text.pretrained_vocab = saved["pretrained_vocab"]
+        freeze_text(text, cfg.text_freeze_layers, first_new_row=text.pretrained_vocab)
+        return text
     if cfg.text_init:
         text = load_bert(resolve_checkpoint_dir(cfg.text_init), dropout=cfg.dropout, attn_dropout=cfg.dropout)
         old = text.embeddings.word.weight.shape[0]
         if vocab_size > old:
             text.resize_vocab(vocab_size)
+        text.pretrained_vocab = old                     # rows below this came from the checkpoint
         freeze_text(text, cfg.text_freeze_layers, first_new_row=old)
         return text
     tcfg = TransformerConfig(width=cfg.text_width, layers=cfg.text_layers, heads=cfg.text_heads,
                              intermediate=4 * cfg.text_width, dropout=cfg.dropout, attn_dropout=cfg.dropout)
-    return TextEncoder(BertConfig(vocab_size=vocab_size, max_position=max(cfg.text_max_len, 64), transformer=tcfg))
+    text = TextEncoder(BertConfig(vocab_size=vocab_size, max_position=max(cfg.text_max_len, 64), transformer=tcfg))
+    text.pretrained_vocab = 0
+    return text
+
+
+def text_config(model: nn.Module) -> dict:
+    """What build_text_tower(saved=...) needs to rebuild a model's text tower without its source checkpoint."""
+    import dataclasses
+    return {"bert": dataclasses.asdict(model.text.cfg), "pretrained_vocab": model.text.pretrained_vocab}
 
 
 def freeze_text(text: nn.Module, layers: int, first_new_row: int) -> None:
@@ -55,11 +72,11 @@ def build_image_tower(cfg: ModelConfig) -> tuple[nn.Module, str]:
     return TorchvisionTrunk(name, weights=cfg.image_weights, stem=stem or "default"), "mean"
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+def build_model(cfg: ModelConfig, vocab_size: int, saved_text: dict | None = None) -> nn.Module:
     match cfg.arch:
         case "ernie-vil2":
             from vlp.models.dual_encoder import DualEncoder
             image, pool = build_image_tower(cfg)
-            return DualEncoder(build_text_tower(cfg, vocab_size), image, cfg.embed_dim, image_pool=pool,
+            return DualEncoder(build_text_tower(cfg, vocab_size, saved_text), image, cfg.embed_dim, image_pool=pool,
                                logit_scale_init=cfg.logit_scale_init, logit_scale_max=cfg.logit_scale_max)
     raise ValueError(f"unknown model.arch {cfg.arch!r}; valid: ernie-vil2")

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlp import config as config_lib
+from vlp.models import build_model, text_config
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, cfg, trainer_state: dict | None = None,
@@ -26,6 +27,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, cfg, train
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     (tmp / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=1, ensure_ascii=False))
+    if hasattr(model, "text"):
+        (tmp / "text_config.json").write_text(json.dumps(text_config(model), indent=1))
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     tokenizer.save(tmp)
     if trainer_state is not None:
@@ -54,29 +57,33 @@ def resolve(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """-> (model in eval mode, tokenizer, config) from a checkpoint written by save_checkpoint."""
+    """-> (model in eval mode, tokenizer, config) from a checkpoint written by save_checkpoint.
+    Needs nothing but the checkpoint folder (the text tower's architecture is recorded in it)."""
     from vlp.data.tokenizer import Tokenizer
-    from vlp.models import build_model
 
     step_dir = resolve(path)
     cfg = config_lib.from_dict(json.loads((step_dir / "config.json").read_text()))
     tokenizer = Tokenizer.from_dir(step_dir)
-    cfg.model.text_init = ""                       # weights come from the checkpoint, not the original BERT
-    state = load_file(step_dir / "model.safetensors")
-    model = build_model_like(cfg, tokenizer.vocab_size, state)
-    model.load_state_dict(state)
+    saved_text = json.loads((step_dir / "text_config.json").read_text())
+    model = build_model(cfg.model, tokenizer.vocab_size, saved_text)
+    model.load_state_dict(load_file(step_dir / "model.safetensors"))
     return model.to(device).eval(), tokenizer, cfg
 
 
-def build_model_like(cfg, vocab_size: int, state: dict):
-    """Rebuild the architecture a state dict came from (the text tower's size is read off its tensors)."""
-    from vlp.models import build_model
-    m = cfg.model
-    if "text.embeddings.word.weight" in state:
-        m.text_width = state["text.embeddings.word.weight"].shape[1]
-        m.text_layers = len({k.split(".")[3] for k in state if k.startswith("text.transformer.blocks.")})
-        m.text_max_len = max(m.text_max_len, state["text.embeddings.position.weight"].shape[0])
-    return build_model(m, vocab_size)
+def load_for_training(path: str | Path, cfg):
+    """-> (model, tokenizer): a checkpoint's weights in the model the *run's* config describes (its
+    freezing and dropout), for resuming and fine-tuning."""
+    from vlp.data.tokenizer import Tokenizer
+
+    step_dir = resolve(path)
+    tokenizer = Tokenizer.from_dir(step_dir)
+    saved_text = json.loads((step_dir / "text_config.json").read_text())
+    model = build_model(cfg.model, tokenizer.vocab_size, saved_text)
+    missing, unexpected = model.load_state_dict(load_file(step_dir / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {step_dir} does not fit the configured model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} (do model.* settings match the checkpoint's config.json?)")
+    return model, tokenizer
 
 
 def trainer_state(path: str | Path) -> dict:

@@ -32,16 +32,20 @@ class TrainingError(RuntimeError):
     pass
 
 
-def prepare_data(cfg: config_lib.Config, split: str, report: SkipReport, progress: bool = True):
+def prepare_data(cfg: config_lib.Config, split: str, report: SkipReport, progress: bool = True,
+                 manifest: str = ""):
     """Read the manifest (building the emoji set first when asked to) -> records of one split."""
-    if cfg.data.build_emoji and Path(cfg.data.train).parent.name == "emoji" and not Path(cfg.data.train).exists():
-        from vlp.data.emoji import build_emoji
-        build_emoji(Path(cfg.data.train).parent, size=max(cfg.model.image_size, 64), progress=progress)
-    records, skipped = read_records(cfg.data.train, image_root=cfg.data.image_root or None, split=split,
+    manifest = manifest or cfg.data.train
+    if cfg.data.build_emoji and Path(manifest).parent.name == "emoji" and not Path(manifest).exists():
+        if dist.is_main():
+            from vlp.data.emoji import build_emoji
+            build_emoji(Path(manifest).parent, size=max(cfg.model.image_size, 64), progress=progress)
+        dist.barrier()
+    records, skipped = read_records(manifest, image_root=cfg.data.image_root or None, split=split,
                                     lang=cfg.data.lang or None)
     report.merge(skipped)
     if not records:
-        raise ValueError(f"no usable records for split {split!r} in {cfg.data.train} ({skipped.summary()})")
+        raise ValueError(f"no usable records for split {split!r} in {manifest} ({skipped.summary()})")
     return records
 
 
@@ -83,8 +87,7 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
         except FileNotFoundError:
             log.info(f"--resume: no checkpoint in {run_dir} yet, starting from step 0")
     if state is not None or init:
-        model, tokenizer, _ = ckpt.load_checkpoint(run_dir if state is not None else init)
-        model.train()
+        model, tokenizer = ckpt.load_for_training(run_dir if state is not None else init, cfg)
     else:
         tokenizer = build_tokenizer(cfg, [c for r in records for c in r.captions])
         model = build_model(cfg.model, tokenizer.vocab_size)
@@ -102,7 +105,6 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
         start_step = state["step"]
         log.truncate(start_step)
         log.info(f"resumed from step {start_step}")
@@ -118,6 +120,8 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
                 else contextlib.nullcontext())
     eval_records = _eval_records(cfg, report)
+    if state is not None:                 # last: building the loader above draws from the global RNG
+        torch.set_rng_state(state["rng"])
 
     # --- the loop -----------------------------------------------------------------------------------
     bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=t.name,
@@ -133,7 +137,7 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
                 losses = {name: w * obj(out, batch) for name, (w, obj) in objectives.items()}
                 loss = sum(losses.values()) / t.grad_accum
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {loss.item()} at step {step} ({_fmt(losses)}); stopped. The last good "
+                raise TrainingError(f"loss is {loss.item()} at step {step + 1} ({_fmt(losses)}); stopped. The last good "
                                     f"checkpoint in {run_dir / 'checkpoints'} is intact: lower train.lr or check the data")
             loss.backward()
             for name, v in losses.items():
@@ -148,7 +152,7 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
         if done % t.log_every == 0 or done == t.steps:
             elapsed = time.perf_counter() - tick
             row = {"step": done, "loss": sum(totals.values()), **totals, "lr": sched.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "logit_scale": float(model.scale()) if hasattr(model, "scale") else None,
+                   "grad_norm": float(grad_norm), "logit_scale": model.scale().item() if hasattr(model, "scale") else None,
                    "pairs_per_s": seen / max(elapsed, 1e-9)}
             log.metrics(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", pairs_s=f"{row['pairs_per_s']:.0f}")
@@ -169,7 +173,7 @@ def _eval_records(cfg, report):
     if not cfg.data.eval_split:
         return []
     try:
-        return prepare_data(cfg, cfg.data.eval_split, report, progress=False)
+        return prepare_data(cfg, cfg.data.eval_split, report, progress=False, manifest=cfg.data.eval)
     except ValueError:
         return []
 

@@ -1,0 +1,44 @@
+"""Config: presets load, overrides apply, bad keys and types are clear errors."""
+from pathlib import Path
+
+import pytest
+
+from vlp import config
+
+PRESETS = sorted((Path(__file__).parents[1] / "src/vlp/configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_presets_load_and_round_trip(preset, tmp_path):
+    cfg = config.load(preset)
+    (tmp_path / "c.toml").write_text(config.dump(cfg))
+    assert config.load(tmp_path / "c.toml") == cfg
+
+
+def test_overrides_parse_types():
+    cfg = config.load(None, ["train.batch_size=64", "train.lr=3e-4", "model.image_encoder=vit",
+                             "train.precision=bf16", "data.cache_images=false", "objectives.text_text=0.5"])
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.model.image_encoder) == (64, 3e-4, "vit")
+    assert cfg.data.cache_images is False and cfg.objectives["text_text"] == 0.5
+    assert config.load(None, ["train.lr=1"]).train.lr == 1.0          # int widens to float
+
+
+def test_unknown_key_names_valid_keys():
+    with pytest.raises(config.ConfigError, match=r"unknown config key train\.batchsize.*batch_size"):
+        config.load(None, ["train.batchsize=3"])
+    with pytest.raises(config.ConfigError, match=r"unknown config section \[trian\].*train"):
+        config.load(None, ["trian.steps=3"])
+
+
+def test_wrong_type_and_bad_choice(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"train\.steps: expected int, got str"):
+        config.load(None, ["train.steps=many"])
+    with pytest.raises(config.ConfigError, match=r"precision.*fp32, bf16"):
+        config.load(None, ["train.precision=fp16"])
+    with pytest.raises(config.ConfigError, match=r"unknown objective 'mlm' for ernie-vil2"):
+        config.load(None, ["objectives.mlm=1"])
+    (tmp_path / "bad.toml").write_text("[model]\nembed_dim = 'big'\n")
+    with pytest.raises(config.ConfigError, match=r"model\.embed_dim: expected int"):
+        config.load(tmp_path / "bad.toml")
+    with pytest.raises(config.ConfigError, match="not found"):
+        config.load(tmp_path / "missing.toml")

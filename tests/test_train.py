@@ -1,0 +1,82 @@
+"""The training loop: resume equals an uninterrupted run, NaN stops cleanly, every preset trains."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlp import config
+from vlp.train import checkpoint as ckpt
+from vlp.train import loop
+
+PRESETS = sorted((Path(__file__).parents[1] / "src/vlp/configs").glob("*.toml"))
+
+
+def tiny_cfg(data, out, **extra):
+    sets = [f'data.train="{data}"', f'train.out="{out}"', "train.steps=6", "train.batch_size=16",
+            "train.log_every=1", "train.save_every=3", "train.warmup_steps=2", "data.eval_split=\"\"",
+            "model.dropout=0.1"] + [f"{k}={v}" for k, v in extra.items()]
+    return config.load(Path(__file__).parents[1] / "src/vlp/configs/tiny.toml", sets)
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_resume_equals_uninterrupted(emoji_tiny, tmp_path, monkeypatch):
+    full = loop.train(tiny_cfg(emoji_tiny, tmp_path / "full"), progress=False)
+
+    real_save = ckpt.save_checkpoint
+
+    def save_then_crash(run_dir, step, *a, **k):
+        real_save(run_dir, step, *a, **k)
+        if step == 3:
+            raise KeyboardInterrupt("simulated interruption")
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(tiny_cfg(emoji_tiny, tmp_path / "cut"), progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    loop.train(tiny_cfg(emoji_tiny, tmp_path / "cut"), resume=True, progress=False)
+
+    assert len(losses(full)) == 6
+    assert losses(tmp_path / "cut") == losses(full)          # bit-identical, steps 1-6
+    a = ckpt.load_checkpoint(full)[0].state_dict()
+    b = ckpt.load_checkpoint(tmp_path / "cut")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_overwrite_a_run(emoji_tiny, tmp_path):
+    loop.train(tiny_cfg(emoji_tiny, tmp_path / "r", **{"train.steps": 3}), progress=False)
+    with pytest.raises(loop.TrainingError, match="--resume"):
+        loop.train(tiny_cfg(emoji_tiny, tmp_path / "r", **{"train.steps": 3}), progress=False)
+
+
+def test_nan_loss_stops_with_last_checkpoint_intact(emoji_tiny, tmp_path, monkeypatch):
+    from vlp.objectives import contrastive
+    real = contrastive.symmetric_info_nce
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] > 12 else out     # 4 calls per step: NaN from step 4 on
+    monkeypatch.setattr(contrastive, "symmetric_info_nce", poisoned)
+    with pytest.raises(loop.TrainingError, match="loss is nan at step 4.*intact"):
+        loop.train(tiny_cfg(emoji_tiny, tmp_path / "nan"), progress=False)
+    model, _, _ = ckpt.load_checkpoint(tmp_path / "nan")
+    assert ckpt.resolve(tmp_path / "nan").name == "step_3"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_tiny_forward_backward(preset, emoji_tiny, tmp_path):
+    """Each preset, shrunk (small images, 2 steps, batch 8), trains, saves and evaluates."""
+    cfg = config.load(preset, [f'data.train="{emoji_tiny}"', f'train.out="{tmp_path / "run"}"', "train.steps=2",
+                               "train.batch_size=8", "train.save_every=2", "model.image_size=32",
+                               "data.eval_split=\"test\"", "train.precision=fp32"])
+    run = loop.train(cfg, progress=False)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    assert any("t2i_r1" in r for r in rows)
+    assert (run / "config.toml").is_file() and ckpt.resolve(run).name == "step_2"
