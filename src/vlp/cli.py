@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", default="data/emoji")
     q.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     q.set_defaults(fn=cmd_quickstart)
+
+    from vlp.search.cli import add_commands            # `vlp index`, `vlp serve`
+    add_commands(sub)
     return p
 
 
