@@ -32,6 +32,7 @@ class ModelConfig:
     text_freeze_layers: int = 0       # bottom transformer layers kept frozen (0 = train all)
     text_lr_scale: float = 1.0        # lr multiplier for pretrained text weights
     extend_vocab: bool = True         # add caption characters the checkpoint's vocabulary lacks
+    new_token_init: str = "pairs"     # new rows: "pairs" (from the other-language captions of the same image) | "mean"
     # image tower: "vit" (our transformer over patches) or any torchvision classifier name
     image_encoder: str = "resnet18"
     image_weights: str = ""           # optional state-dict file for a torchvision trunk
@@ -161,6 +162,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 CHOICES = {
     ("model", "arch"): ("ernie-vil2",),
     ("train", "precision"): ("fp32", "bf16"),
+    ("model", "new_token_init"): ("pairs", "mean"),
     ("data", "augment"): ("none", "crop"),
 }
 

@@ -221,3 +221,37 @@ def save_bert(model: TextEncoder, path: str | Path) -> None:
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     state = {hf_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def init_rows_from_pairs(model: TextEncoder, tokenizer, pairs: list[tuple[str, str]], first_new_row: int) -> int:
+    """Start each new vocabulary row where its translations sit (dictionary-style initialisation of
+    new tokens, as WECHSEL and similar methods do for a new language).
+
+    `pairs` are (caption, translation) of one image, e.g. a Chinese and an English name. A new token
+    (id >= first_new_row) starts at the mean input embedding of the pretrained tokens of the
+    translations of every caption it occurs in, re-centred: the average over all translations is
+    replaced by the mean of the pretrained rows, so common words ("face", "button") cancel and what
+    is specific to the token remains. Tokens that occur in no pair keep their row. -> rows set.
+    """
+    weight = model.embeddings.word.weight                       # (V, D)
+    n_new = weight.shape[0] - first_new_row
+    if n_new <= 0 or not pairs:
+        return 0
+    special = torch.tensor(sorted({tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id, tokenizer.sep_id,
+                                   tokenizer.mask_id}))
+    ids_a, _ = tokenizer.encode([a for a, _ in pairs], max_len=64)
+    ids_b, _ = tokenizer.encode([b for _, b in pairs], max_len=64)
+    known = (ids_b < first_new_row) & ~torch.isin(ids_b, special)    # (P, L)
+    vec = (weight[ids_b] * known.unsqueeze(-1)).sum(1) / known.sum(1, keepdim=True).clamp_min(1)  # (P, D)
+    has = known.any(1)
+    vec, ids_a = vec[has], ids_a[has]
+    occurs = torch.zeros(len(ids_a), n_new)                      # (P, n_new): token occurs in caption p
+    rows, cols = (ids_a >= first_new_row).nonzero(as_tuple=True)
+    occurs[rows, ids_a[rows, cols] - first_new_row] = 1.0
+    count = occurs.sum(0)                                        # (n_new,)
+    mean = occurs.t() @ vec / count.clamp_min(1).unsqueeze(1)    # (n_new, D)
+    centred = mean - vec.mean(0) + weight[:first_new_row].mean(0)
+    seen = count > 0
+    weight[first_new_row:][seen] = centred[seen]
+    return int(seen.sum())

@@ -55,10 +55,13 @@ def freeze_text(text: nn.Module, layers: int, first_new_row: int) -> None:
         p.requires_grad_(False)
     if emb.word.weight.shape[0] > first_new_row:
         emb.word.weight.requires_grad_(True)
+        emb.word.weight.new_rows_only = True        # the optimizer gives it the full lr, not text_lr_scale
         emb.word.weight.register_hook(lambda g: g.index_fill(0, g.new_tensor(range(first_new_row), dtype=int), 0.0))
     for block in text.transformer.blocks[:layers]:
         for p in block.parameters():
             p.requires_grad_(False)
+    # locked: nothing but new vocabulary rows can change the output (DualEncoder skips autograd for the rest)
+    text.locked = layers >= len(text.transformer.blocks)
 
 
 def build_image_tower(cfg: ModelConfig) -> tuple[nn.Module, str]:

@@ -91,6 +91,7 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
     else:
         tokenizer = build_tokenizer(cfg, [c for r in records for c in r.captions])
         model = build_model(cfg.model, tokenizer.vocab_size)
+        _init_new_rows(model, tokenizer, records, cfg, log)
     group_key = "hex" if any("hex" in r.meta for r in records) else ""
     dataset = PairDataset(records, cfg.model.image_size, group_key=group_key, augment=cfg.data.augment,
                           crop_scale=cfg.data.crop_scale, seed=t.seed, report=report, progress=progress)
@@ -167,6 +168,20 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
             dist.barrier()
     bar.close()
     return run_dir
+
+
+def _init_new_rows(model, tokenizer, records, cfg, log) -> None:
+    """Vocabulary rows a pretrained text tower lacked start at their translations (`new_token_init="pairs"`):
+    every caption is paired with the other-language captions of its image."""
+    first_new = getattr(model.text, "pretrained_vocab", 0)
+    if not (cfg.model.text_init and cfg.model.new_token_init == "pairs" and 0 < first_new < tokenizer.vocab_size):
+        return
+    from vlp.encoders.text import init_rows_from_pairs
+    pairs = [(a, b) for r in records for a, la in zip(r.captions, r.langs)
+             for b, lb in zip(r.captions, r.langs) if la != lb]
+    n = init_rows_from_pairs(model.text, tokenizer, pairs, first_new)
+    log.info(f"vocabulary: {tokenizer.vocab_size - first_new} new tokens, {n} initialised from "
+             f"{len(pairs)} caption translations, the rest at the mean")
 
 
 def _eval_records(cfg, report):

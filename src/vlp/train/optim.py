@@ -18,7 +18,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, text_lr_sc
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        pretrained_text = name.startswith("text.")
+        # pretrained text weights train at text_lr_scale; new vocabulary rows of a frozen tower at the full lr
+        pretrained_text = name.startswith("text.") and not getattr(p, "new_rows_only", False)
         groups.setdefault((no_decay(name, p), pretrained_text), []).append(p)
     param_groups = [{"params": ps, "weight_decay": 0.0 if nd else weight_decay,
                      "lr": lr * (text_lr_scale if txt else 1.0), "lr_scale": text_lr_scale if txt else 1.0}

@@ -1,0 +1,82 @@
+"""The dual encoder's locked-text path and the initialisation of new vocabulary rows."""
+import torch
+
+from vlp.config import ModelConfig
+from vlp.encoders.text import init_rows_from_pairs
+from vlp.layers import BertConfig, TransformerConfig
+from vlp.encoders.text import TextEncoder
+from vlp.models import freeze_text
+from vlp.models.dual_encoder import DualEncoder, mean_pool
+from vlp.encoders.patches import PatchEncoder
+
+
+def _model(old_vocab=50, new=10):
+    torch.manual_seed(0)
+    text = TextEncoder(BertConfig(vocab_size=old_vocab, max_position=16,
+                                  transformer=TransformerConfig(width=32, layers=2, heads=2, intermediate=64,
+                                                                dropout=0.0, attn_dropout=0.0)))
+    text.resize_vocab(old_vocab + new)
+    with torch.no_grad():
+        text.embeddings.word.weight[old_vocab:] = torch.randn(new, 32)
+    text.pretrained_vocab = old_vocab
+    freeze_text(text, 2, first_new_row=old_vocab)
+    return DualEncoder(text, PatchEncoder(16, 8, 32, 1, 2), embed_dim=16)
+
+
+def test_locked_tower_split_equals_one_pass():
+    """Captions without new tokens run without autograd: same embeddings, same gradients to the new rows."""
+    model = _model()
+    ids = torch.randint(5, 50, (6, 7))
+    ids[1, 3], ids[4, 2] = 55, 58                        # two captions hold new tokens
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, 5:] = mask[4, 4:] = False
+    ids[~mask] = 0
+    fast = model.encode_text(ids, mask)
+    fast.square().sum().backward()
+    g_fast = model.text.embeddings.word.weight.grad.clone()
+    model.zero_grad()
+    with torch.no_grad():
+        model.text.embeddings.word.weight.new_rows_only = False
+    slow = torch.nn.functional.normalize(model.text_proj(mean_pool(model.text(ids, mask))), dim=-1)
+    slow.square().sum().backward()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_fast, model.text.embeddings.word.weight.grad, atol=1e-5, rtol=1e-5)
+    assert g_fast[:50].abs().sum() == 0 and g_fast[55].abs().sum() > 0
+
+
+class _Tok:
+    """Whitespace tokenizer over integer strings, with BERT's special ids 0-4."""
+    pad_id, unk_id, cls_id, sep_id, mask_id = 0, 1, 2, 3, 4
+
+    def encode(self, texts, max_len):
+        rows = [[2] + [int(w) for w in t.split()] + [3] for t in texts]
+        L = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (L - len(r)) for r in rows])
+        return ids, ids != 0
+
+
+def test_init_rows_from_pairs():
+    model = _model()
+    w = model.text.embeddings.word.weight
+    before = w.detach().clone()
+    # new token 55 occurs with translations {10, 11} and {10, 12}; 56 with {20}; 57 nowhere
+    n = init_rows_from_pairs(model.text, _Tok(), [("55 56", "20"), ("55", "10 11"), ("55 7", "10 12")], 50)
+    assert n == 2
+    E = before[:50]
+    centre = E.mean(0) - torch.stack([E[20], E[[10, 11]].mean(0), E[[10, 12]].mean(0)]).mean(0)
+    torch.testing.assert_close(w[55], centre + (E[20] + E[[10, 11]].mean(0) + E[[10, 12]].mean(0)) / 3)
+    torch.testing.assert_close(w[56], centre + E[20])
+    torch.testing.assert_close(w[57], before[57])
+    torch.testing.assert_close(w[:50], E)
+
+
+def test_partly_frozen_tower_trains_its_top_layers():
+    model = _model()
+    for p in model.text.transformer.blocks[1].parameters():
+        p.requires_grad_(True)
+    freeze_text(model.text, 1, first_new_row=50)
+    assert not model.text.locked
+    ids = torch.randint(5, 50, (4, 6))                   # no new tokens at all
+    model.encode_text(ids, torch.ones_like(ids, dtype=torch.bool)).sum().backward()
+    assert model.text.transformer.blocks[1].attn.q.weight.grad.abs().sum() > 0
+    assert model.text.transformer.blocks[0].attn.q.weight.grad is None
