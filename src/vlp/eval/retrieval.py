@@ -99,7 +99,8 @@ def evaluate(model, tokenizer, records: list[Record], image_size: int, max_len: 
         result["styles"] = styles
     for lg in sorted(set(cap_lang) - {""}):
         if len(set(cap_lang)) > 1:
-            result[lg] = block([c for c in range(len(caps)) if cap_lang[c] == lg])
+            sel = [c for c in range(len(caps)) if cap_lang[c] == lg]
+            result[lg] = {**block(sel), "unk_rate": round(tokenizer.unk_rate([caps[c][0] for c in sel]), 4)}
     if len(styles) > 1 and "hex" in kept[0].meta:
         q = [i for i in range(len(kept)) if style_of[i] == styles[0]]
         g = [i for i in range(len(kept)) if style_of[i] == styles[1]]

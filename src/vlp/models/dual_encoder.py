@@ -58,6 +58,8 @@ class DualEncoder(nn.Module):
                 and getattr(self.text.embeddings.word.weight, "new_rows_only", False)):
             return mean_pool(self.text(ids, mask))
         live = (ids >= self.text.pretrained_vocab).any(1)                     # (B,)
+        if not live.any():          # keep the trainable rows in the graph (DDP expects a gradient for them)
+            return mean_pool(self.text(ids, mask))
         rows = [torch.nonzero(~live).squeeze(1), torch.nonzero(live).squeeze(1)]
         parts = []
         for sel, grad in zip(rows, (False, True)):

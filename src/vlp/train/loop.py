@@ -97,6 +97,12 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
                           crop_scale=cfg.data.crop_scale, seed=t.seed, report=report, progress=progress)
     log.info(f"train: {len(dataset.records)} images in {len(dataset)} groups; tokenizer: {tokenizer.vocab_size} "
              f"tokens; skipped: {report.summary() or 'nothing'}")
+    by_lang: dict[str, list[str]] = {}
+    for r in dataset.records:
+        for c, lg in zip(r.captions, r.langs):
+            by_lang.setdefault(lg or "?", []).append(c)
+    log.info("[UNK] rate of the training captions: " + ", ".join(
+        f"{lg} {100 * tokenizer.unk_rate(cs):.2f}%" for lg, cs in sorted(by_lang.items())))
 
     # --- model, objectives, optimiser ---------------------------------------------------------------
     model.to(device)
