@@ -3,7 +3,13 @@ approximate kinds vs exact, ordering vs a brute-force dot product, and a clear 4
 import io
 import json
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import httpx
 
 import numpy as np
 import pytest
@@ -130,9 +136,19 @@ def test_interrupted_build_resumes_where_it_stopped(built, ckpt, manifest, tmp_p
     total = N_GOOD + 1
     assert summary["resumed_chunks"] == 2 and summary["embedded_images"] == total - 2 * CHUNK
     assert sum(embedded) == total - 2 * CHUNK - 1          # the broken image is in the last chunk
+    # the resumed folder equals the uninterrupted one: embeddings, ids, metadata, captions, skips, thumbnails
     for name in ("image_emb.npy", "text_emb.npy"):
         np.testing.assert_allclose(np.load(out / name), np.load(built[0] / name), atol=1e-6)
-    assert (out / "metadata.jsonl").read_text() == (built[0] / "metadata.jsonl").read_text()
+    for name in ("ids.json", "metadata.jsonl", "captions.jsonl", "skipped.jsonl"):
+        assert (out / name).read_text() == (built[0] / name).read_text(), name
+    thumbs = sorted(p.name for p in (built[0] / "thumbs").iterdir())
+    assert sorted(p.name for p in (out / "thumbs").iterdir()) == thumbs and len(thumbs) == N_GOOD
+    assert all((out / "thumbs" / t).read_bytes() == (built[0] / "thumbs" / t).read_bytes() for t in thumbs)
+    assert not (out / "build").exists() and summary["images"] == N_GOOD and summary["skipped"] == 1
+    a, b = SearchIndex.load(out), SearchIndex.load(built[0])
+    for query in ("grinning face", "红心"):
+        assert [(h["id"], round(h["score"], 5)) for h in a.search_text(query, 10)] == \
+               [(h["id"], round(h["score"], 5)) for h in b.search_text(query, 10)]
 
 
 def test_rerun_reuses_and_refuses_foreign_folders(built, ckpt, manifest, emoji_tiny, tmp_path):
@@ -180,6 +196,15 @@ def test_image_folder_without_captions(ckpt, emoji_tiny, tmp_path):
     assert found["captions"] == [] and found["images"][0]["id"] == "0.png"
 
 
+def test_dataset_folder_means_its_manifest(emoji_tiny, tmp_path):
+    """`--data data/emoji` indexes the captioned dataset.json, not the bare image files under it."""
+    records, _ = index_mod.collection(emoji_tiny.parent)
+    assert [r.image_id for r in records] == [r.image_id for r in read_records(emoji_tiny)[0]]
+    assert all(r.captions for r in records)
+    with pytest.raises(ValueError, match="folder without images"):
+        index_mod.collection(tmp_path)
+
+
 # --- the API -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("query", ["caption0", "caption_zh", "a blue fish in the sea", "红心"])
@@ -222,6 +247,23 @@ def test_image_search_finds_the_image_itself(client, built):
     assert len(body["captions"]) == 5 and all({"text", "score", "id", "thumbnail"} <= c.keys() for c in body["captions"])
 
 
+def test_concurrent_queries_equal_sequential_ones(built):
+    """The server runs requests side by side on one SearchIndex: answers must not mix."""
+    from concurrent.futures import ThreadPoolExecutor
+    idx = SearchIndex.load(built[0])
+    meta = [json.loads(line) for line in (built[0] / "metadata.jsonl").read_text().splitlines()]
+    images = [Image.open(meta[i]["image"]).convert("RGB") for i in range(0, N_GOOD, 5)]
+    jobs = [("text", c) for m in meta[:12] for c in m["captions"]] + [("image", im) for im in images]
+
+    def run(job):
+        kind, x = job
+        hits = idx.search_text(x, 5) if kind == "text" else idx.search_image(x, 5)["images"]
+        return [(h["id"], round(h["score"], 5)) for h in hits]
+    sequential = [run(j) for j in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(run, jobs * 2)) == sequential * 2
+
+
 def test_health_and_page(client):
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["images"] == N_GOOD and health["kind"] == "flat"
@@ -242,13 +284,25 @@ BAD_GET = [
     ("/thumbs/%2e%2e/%2e%2e/etc/passwd", {}, 404, "no thumbnail"),
     ("/thumbs/..%5Cmodel.json", {}, 404, "no thumbnail"),
     ("/thumbs/999999.png", {}, 404, "no thumbnail"),
+    ("/thumbs/%00.png", {}, 404, "no thumbnail"),
+    ("/thumbs/000000.png%00", {}, 404, "no thumbnail"),
+    ("/thumbs/%2Fetc%2Fpasswd", {}, 404, "no thumbnail"),
+    ("/thumbs/thumbs/000000.png", {}, 404, "no thumbnail"),
+    ("/api/search", {"q": "cat\x00dog"}, 200, None),
+    ("/api/search", {"q": "🙂 ✨"}, 200, None),
+    ("/api/search", {"q": "cat", "k": "1e3"}, 422, "k:"),
+    ("/api/search", {"q": "cat", "k": "99999999999999999999999"}, 400, "k must be between"),
 ]
 
 
 @pytest.mark.parametrize("url,params,status,message", BAD_GET, ids=[f"{u}-{p}"[:40] for u, p, _, _ in BAD_GET])
 def test_bad_get_requests_get_a_clear_4xx(client, url, params, status, message):
     res = client.get(url, params=params)
-    assert res.status_code == status and message in res.json()["detail"]
+    assert res.status_code == status, res.text
+    if message is None:                                   # odd but valid input: searched as typed
+        assert len(res.json()["results"]) == 10
+    else:
+        assert message in res.json()["detail"]
 
 
 def _png(w: int, h: int) -> bytes:
@@ -269,6 +323,30 @@ BAD_UPLOADS = [   # (name, request arguments made lazily, status, message)
      413, "upload limit"),
     ("no file", lambda: {}, 422, "file: Field required"),
     ("a field, not a file", lambda: {"data": {"file": "abc"}}, 422, "file:"),
+    # malformed multipart bodies
+    ("no boundary", lambda: {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, 400,
+     "Missing boundary in multipart: send the image"),
+    ("wrong boundary", lambda: {"content": b"--abc\r\nContent-Disposition: form-data; name=\"file\"; "
+                                           b"filename=\"a.png\"\r\n\r\nxyz\r\n--abc--\r\n",
+                                "headers": {"content-type": "multipart/form-data; boundary=zzz"}}, 400,
+     "Invalid multipart data: send the image as multipart/form-data with the field `file`"),
+    ("garbage body", lambda: {"content": bytes(range(256)) * 4,
+                              "headers": {"content-type": "multipart/form-data; boundary=zzz"}}, 400,
+     "Invalid multipart data"),
+    ("cut off body", lambda: {"content": b"--zzz\r\nContent-Disposition: form-data; name=\"file\"; "
+                                         b"filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n\x89PNG",
+                              "headers": {"content-type": "multipart/form-data; boundary=zzz"}}, 422,
+     "file: Field required"),
+    ("no disposition", lambda: {"content": b"--zzz\r\nContent-Type: image/png\r\n\r\nabc\r\n--zzz--\r\n",
+                                "headers": {"content-type": "multipart/form-data; boundary=zzz"}}, 400,
+     "Content-Disposition"),
+    ("too many fields", lambda: {"content": b"".join(b'--zzz\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n'
+                                                     % i for i in range(1001)) + b"--zzz--\r\n",
+                                 "headers": {"content-type": "multipart/form-data; boundary=zzz"}}, 400, "Too many fields"),
+    ("json body", lambda: {"json": {"file": "a.png"}}, 422, "file:"),
+    ("form field, not multipart", lambda: {"content": b"file=%zz",
+                                           "headers": {"content-type": "application/x-www-form-urlencoded"}}, 422,
+     "file: Value error, Expected UploadFile"),
 ]
 
 
@@ -295,6 +373,49 @@ def test_upload_k_out_of_range(client, built):
 def test_rerank_fails_clearly_until_a_cross_encoder_exists(built):
     with pytest.raises(ValueError, match="no cross-encoder architecture is available yet"):
         create_app(built[0], rerank="runs/some-cross-encoder")
+
+
+def _vlp(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vlp", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def test_vlp_serve_answers_on_loopback_and_refuses_rerank(built):
+    """The real command: `vlp serve INDEX --port P` answers the API; `--rerank` exits with a clear error."""
+    out, _ = built
+    refused = _vlp("serve", str(out), "--rerank", "runs/cross")
+    _, err = refused.communicate(timeout=60)
+    assert refused.returncode == 1 and "no cross-encoder architecture is available yet" in err
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _vlp("serve", str(out), "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            try:
+                health = httpx.get(f"{base}/api/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "vlp serve did not answer within 60 s"
+                time.sleep(0.2)
+        assert health.json()["images"] == N_GOOD
+        hits = httpx.get(f"{base}/api/search", params={"q": "red heart", "k": 5}).json()["results"]
+        assert len(hits) == 5 and httpx.get(base + hits[0]["thumbnail"]).status_code == 200
+        assert httpx.get(f"{base}/api/search", params={"q": ""}).status_code == 400
+        # a raw request path with dot segments, as a client that does not normalise it would send it
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET /thumbs/../model.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        assert raw.split(b" ")[1] in (b"400", b"404") and b"fingerprint" not in raw
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_cli_commands_parse_and_run(built, ckpt, manifest, tmp_path, capsys):

@@ -5,6 +5,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 from playwright.sync_api import expect, sync_playwright
@@ -81,8 +82,16 @@ def test_typed_query_shows_result_images(page, server, tmp_path, query):
                            "[...document.querySelectorAll('.card.result img')].every(i => i.complete)")
     assert loaded_images(page) == RESULTS
     assert "/api/search" in seen and sum(p.startswith("/thumbs/") for p in seen) >= RESULTS
+    naturals = page.eval_on_selector_all(".card.result img", "imgs => imgs.map(i => i.naturalWidth)")
+    assert len(naturals) == RESULTS and min(naturals) > 0
     scores = [float(s) for s in page.locator(".card.result .score span:last-child").all_text_contents()]
     assert scores == sorted(scores, reverse=True)
+    # the page shows what the API ranks first: same image, its English caption and its code point
+    top = httpx.get(f"{server[0]}/api/search", params={"q": query, "k": RESULTS}).json()["results"][0]
+    first = page.locator(".card.result").first
+    assert first.locator(".cap").first.inner_text() == top["captions"][0]
+    assert top["hex"] in first.locator(".tags").inner_text()
+    assert first.locator("img").get_attribute("src") == top["thumbnail"]
     shot = tmp_path / "search.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000                        # thumbnails drawn, not a blank page

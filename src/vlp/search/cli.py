@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlp.search import KINDS
+from vlp.search import KINDS, check_rerank
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -20,8 +20,9 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    check_rerank(args.rerank)                         # before the slow imports
     from vlp.search.server import serve
-    serve(args.index, host=args.host, port=args.port, rerank=args.rerank)
+    serve(args.index, host=args.host, port=args.port, rerank=args.rerank, threads=args.threads)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +44,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("index", help="index folder written by `vlp index`")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--rerank", default=None, metavar="CKPT", help="cross-encoder checkpoint to rerank the top-k "
-                                                                   "(not available yet)")
+    sv.add_argument("--rerank", default=None, metavar="CKPT", help="cross-encoder checkpoint to rerank the top-k: "
+                                                                   "not available yet, an error for now")
+    sv.add_argument("--threads", type=int, default=1, help="PyTorch/FAISS threads per request (requests already "
+                                                           "run in parallel)")
     sv.set_defaults(fn=cmd_serve)

@@ -54,8 +54,11 @@ def image_dir_records(folder: str | Path) -> list[Record]:
 
 def collection(data: str | Path, image_root: str | Path | None = None, split: str | None = None
                ) -> tuple[list[Record], SkipReport]:
-    """A manifest (any format `read_records` knows) or a folder of images without captions."""
+    """A manifest (any format `read_records` knows), a dataset folder holding `dataset.json` (as `vlp data
+    emoji` writes), or a folder of images without captions."""
     p = Path(data)
+    if p.is_dir() and (p / "dataset.json").is_file():
+        return read_records(p / "dataset.json", image_root=image_root, split=split)
     if p.is_dir() and not any(p.glob("*.tar")):
         records = image_dir_records(p)
         if not records:
@@ -264,7 +267,8 @@ def _write_index(out: Path, records: list[Record], chunks: list[dict], kind: str
 # --- searching -----------------------------------------------------------------------------------------
 
 class SearchIndex:
-    """A loaded index folder and its model. Thread-safe: queries are encoded one at a time."""
+    """A loaded index folder and its model. Thread-safe: requests run the model and FAISS side by side
+    (both read-only here); only tokenising, which reconfigures the shared tokenizer, takes a lock."""
 
     def __init__(self, folder: Path, info: dict, model, tokenizer, meta: list[dict], captions: list[dict],
                  images_index: faiss.Index, captions_index: faiss.Index):
@@ -297,17 +301,17 @@ class SearchIndex:
         set_search_params(captions, info["search_params"]["captions"])
         return cls(folder, info, model, tokenizer, meta, caps, images, captions)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def embed_text(self, query: str) -> np.ndarray:
         """-> (1, D) float32 unit vector."""
         with self._lock:
             ids, mask = self.tokenizer.encode([query], self.info["text_max_len"])
-            return self.model.encode_text(ids, mask).float().numpy()
+        return self.model.encode_text(ids, mask).float().numpy()
 
+    @torch.inference_mode()
     def embed_image(self, img: Image.Image) -> np.ndarray:
         """PIL RGB -> (1, D) float32 unit vector, preprocessed as at indexing time."""
-        with self._lock:
-            return embed_images(self.model, to_uint8(img, self.info["image_size"])[None]).numpy()
+        return embed_images(self.model, to_uint8(img, self.info["image_size"])[None]).numpy()
 
     def _image_hits(self, q: np.ndarray, k: int) -> list[dict]:
         scores, rows = self.images_index.search(q, min(k, self.images_index.ntotal))
