@@ -4,15 +4,19 @@ Both models: ViT image tower (64 px, patch 8, width 256, 4 layers, 4 heads) and 
 text tower over 32 tokens, embedding 256, the same vocabulary size, batch 128, fused AdamW, and the
 same loss function (`vlp.objectives.contrastive.symmetric_info_nce`, plain symmetric InfoNCE: every
 row its own group). Inputs are random images and random token ids with caption lengths from 6 to 32.
-The two models train alternately in one process (warm-up, then `--rounds` rounds of `--steps` steps
-each) and the median pairs/s of each is kept, since the machine is shared and noisy.
+The two models train alternately in one process (warm-up, then `--rounds` rounds; in each round
+`--steps` steps of one model then of the other, the order flipping every round). The machine is shared
+and its load swings within seconds, so the ratio reported is the median of the per-round ratios (each
+from two runs back to back); pairs/s are the medians of each model's rounds.
 
-It also measures this machine's matmul peak (large fp32 and bf16 matrix products; the max of the
-ways tried), counts the FLOPs of one training step (`torch.utils.flop_counter.FlopCounterMode`:
+It also measures this machine's matmul peak (large fp32 and bf16 matrix products, before and after
+the timed rounds; the max of the ways and times tried), counts the FLOPs of one training step (`torch.utils.flop_counter.FlopCounterMode`:
 matmuls, convolutions, attention; forward and backward) and reports the achieved GFLOP/s as a
 fraction of the peak. Peak memory of a training step is measured in a fresh child process per model
-and precision: the growth of max RSS (`resource.getrusage`) over the baseline taken once the model,
-its optimizer and the batch exist (activations, gradients and AdamW state).
+and precision: the peak resident set (VmHWM in /proc/self/status, reset through /proc/self/clear_refs)
+over two training steps, minus the resident set once the model, its optimizer and the batch exist
+(so: activations, gradients and AdamW state). getrusage's max RSS cannot be used: Linux carries it
+over from the parent across exec.
 
 Prints one JSON object per precision; writes results/train_throughput.json.
 
@@ -23,9 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -105,11 +109,35 @@ def make_step(name: str, model: nn.Module, batch, precision: str) -> Callable[[]
     return step
 
 
+def _onednn_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """oneDNN's linear (vlp.layers.linear in float32): x (M, K) @ w (N, K)^T = 2 M N K."""
+    return 2 * math.prod(out_shape) * w_shape[-1]
+
+
+def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """CPU flash attention, forward: q k^T and p v, 2 N M (Dh + Dv) per batch and head."""
+    *bh, n, d = q_shape
+    return 2 * math.prod(bh) * n * k_shape[-2] * (d + v_shape[-1])
+
+
+def _sdpa_cpu_backward_flops(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """Its backward: twice the forward (grads of both products), as FlopCounterMode counts other SDPAs."""
+    return 2 * _sdpa_cpu_flops(q_shape, k_shape, v_shape)
+
+
+FLOP_FORMULAS = {   # ops FlopCounterMode does not know (torch 2.14): oneDNN's linear, CPU flash attention
+    torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
+
+
 def step_flops(name: str, model: nn.Module, batch, precision: str) -> int:
-    """FLOPs of one forward + backward (matmuls, convolutions, attention), counted by FlopCounterMode."""
+    """FLOPs of one forward + backward (matmuls, convolutions, attention), counted by FlopCounterMode
+    with FLOP_FORMULAS added (OpenCLIP's attention and our float32 linear layers run on those ops)."""
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     groups = torch.arange(batch[0].shape[0])
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         with autocast:
             image, text, scale = features(name, model, batch)
             loss = symmetric_info_nce(image, text, groups, groups, scale)
@@ -138,20 +166,28 @@ def matmul_peak(precision: str, n: int = 2048, repeats: int = 5) -> dict[str, fl
     return out
 
 
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # Linux reports KiB
+def proc_status_mb(key: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process in MB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024                                 # reported in kB
+    raise KeyError(key)
 
 
 def child_memory(name: str, precision: str, args: argparse.Namespace) -> dict:
-    """In a fresh process: max RSS growth over two training steps (the first allocates AdamW state)."""
+    """In a fresh process: peak RSS over two training steps (the first allocates AdamW state) above
+    the RSS once model, optimizer and batch exist."""
     torch.manual_seed(0)
     model = build(name, args.vocab).train()
     batch = make_batch(args.batch, args.vocab)
     step = make_step(name, model, batch, precision)
-    base = max_rss_mb()
+    base = proc_status_mb("VmRSS")
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")                       # reset VmHWM to VmRSS
     step()
     step()
-    return {"peak_mb": round(max_rss_mb() - base, 1), "rss_mb": round(max_rss_mb(), 1)}
+    peak = proc_status_mb("VmHWM")
+    return {"peak_mb": round(peak - base, 1), "rss_mb": round(peak, 1)}
 
 
 def peak_memory(name: str, precision: str) -> dict:
@@ -167,14 +203,17 @@ def measure(precision: str, models: dict[str, nn.Module], batch, args: argparse.
         for _ in range(args.warmup):
             steps[name]()
     rates: dict[str, list[float]] = {name: [] for name in MODELS}
+    ratios: list[float] = []
     losses: dict[str, float] = {}
-    for _ in range(args.rounds):
-        for name in MODELS:
+    for r in range(args.rounds):
+        for name in (MODELS if r % 2 == 0 else MODELS[::-1]):
             start = time.perf_counter()
             for _ in range(args.steps):
                 losses[name] = steps[name]()
             rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
+        ratios.append(rates["ours"][-1] / rates["peer"][-1])
     return {name: statistics.median(r) for name, r in rates.items()} | {
+        "ratio": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios],
         "rounds": {name: [round(x, 1) for x in r] for name, r in rates.items()},
         "last_loss": {name: round(v, 4) for name, v in losses.items()}}
 
@@ -203,15 +242,17 @@ def main() -> None:
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     results = []
     for precision in args.precision:
-        peaks = matmul_peak(precision)
-        peak = max(peaks.values())
+        before = matmul_peak(precision)
         flops = {name: step_flops(name, m, batch, precision) for name, m in models.items()}
         rate = measure(precision, models, batch, args)
+        after = matmul_peak(precision)           # a load spike can hide the peak in one measurement
+        peaks = {way: max(before[way], after[way]) for way in before}
+        peak = max(peaks.values())
         gflops = {name: flops[name] * rate[name] / args.batch / 1e9 for name in MODELS}
         row = {
             "benchmark": "train_throughput", "precision": precision, "batch": args.batch,
             "ours_pairs_per_s": round(rate["ours"], 1), "peer_pairs_per_s": round(rate["peer"], 1),
-            "ratio": round(rate["ours"] / rate["peer"], 3),
+            "ratio": round(rate["ratio"], 3), "ratio_of_medians": round(rate["ours"] / rate["peer"], 3),
             "peak_fraction": round(gflops["ours"] / peak, 3), "peer_peak_fraction": round(gflops["peer"] / peak, 3),
             "ours_gflops": round(gflops["ours"], 1), "peer_gflops": round(gflops["peer"], 1),
             "matmul_peak_gflops": peak, "matmul_peaks": peaks,
@@ -221,7 +262,8 @@ def main() -> None:
             mem = {name: peak_memory(name, precision) for name in MODELS}
             row |= {"ours_peak_mb": mem["ours"]["peak_mb"], "peer_peak_mb": mem["peer"]["peak_mb"],
                     "ours_max_rss_mb": mem["ours"]["rss_mb"], "peer_max_rss_mb": mem["peer"]["rss_mb"]}
-        row |= {"steps": args.steps, "rounds_pairs_per_s": rate["rounds"], "last_loss": rate["last_loss"],
+        row |= {"steps": args.steps, "rounds": args.rounds, "round_ratios": rate["ratios"],
+                "rounds_pairs_per_s": rate["rounds"], "last_loss": rate["last_loss"],
                 "params": params, "peer": f"open_clip {open_clip.__version__}", "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                 "load_avg_1min": round(os.getloadavg()[0], 2)}

@@ -248,3 +248,69 @@ def test_half_precision_checkpoint_loads_as_float32(tmp_path):
     ours = load_bert(path)
     assert {p.dtype for p in ours.parameters()} == {torch.float32}
     assert torch.equal(ours.embeddings.word.weight, hf.embeddings.word_embeddings.weight.half().float())
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_math_attention_equals_sdpa_with_padding(pre_ln):
+    """The written-out attention path and scaled_dot_product_attention: same outputs and gradients,
+    in float32 and under bfloat16 autocast, with rows padded to different lengths."""
+    torch.manual_seed(0)
+    B, N, D = 4, 23, 32
+    mask = torch.arange(N)[None, :] < torch.tensor([N, 17, 5, 1])[:, None]        # (B, N)
+    x = torch.randn(B, N, D)
+    results = {}
+    for impl in ("math", "sdpa"):
+        torch.manual_seed(1)
+        tr = Transformer(TransformerConfig(width=D, layers=2, heads=4, dropout=0.0, attn_dropout=0.0,
+                                           pre_ln=pre_ln, attn=impl)).train()
+        for dtype in (torch.float32, torch.bfloat16):
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                y = tr(xi, mask)
+            tr.zero_grad()
+            (y.float()[mask] * torch.linspace(-1, 1, D)).sum().backward()
+            results[impl, dtype] = (y.float()[mask], xi.grad, tr.blocks[0].attn.q.weight.grad.clone())
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        for a, b in zip(results["math", dtype], results["sdpa", dtype]):
+            scale = b.abs().max().item()
+            assert (a - b).abs().max().item() <= tol * max(scale, 1.0), (dtype, (a - b).abs().max().item(), scale)
+
+
+def test_auto_attention_choice(monkeypatch):
+    """auto: SDPA in float32, written out under bf16 autocast up to MATH_ATTN_MAX_LEN tokens."""
+    import vlp.layers as layers
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    attn = Attention(width=16, heads=2)
+    x, mask = torch.randn(2, 6, 16), torch.ones(2, 6, dtype=torch.bool)
+    attn(x, mask)
+    assert len(calls) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x, mask)
+    assert len(calls) == 1
+    monkeypatch.setattr(layers, "MATH_ATTN_MAX_LEN", 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x, mask)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="unknown attn"):
+        TransformerConfig(width=8, heads=2, attn="flash")
+
+
+@pytest.mark.skipif(not __import__("vlp.layers").layers.ONEDNN_LINEAR, reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("shape, out, bias", [((3, 7, 16), 40, True), ((9, 40), 16, False), ((2, 0, 16), 8, True)])
+def test_onednn_linear_equals_f_linear(shape, out, bias):
+    """Forward and all three gradients, including a stride-0 incoming gradient (from .sum())."""
+    from vlp.layers import linear
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    w, b = torch.randn(out, shape[-1]), (torch.randn(out) if bias else None)
+    grads = []
+    for f in (linear, torch.nn.functional.linear):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        bs = b.clone().requires_grad_(True) if bias else None
+        y = f(xs, ws, bs)
+        (y.sum() + (y * torch.arange(out)).sum()).backward()
+        grads.append([y, xs.grad, ws.grad] + ([bs.grad] if bias else []))
+    for a, c in zip(*grads):
+        assert a.shape == c.shape and torch.allclose(a, c, atol=1e-4, rtol=1e-4)

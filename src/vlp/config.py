@@ -59,6 +59,7 @@ class DataConfig:
     num_workers: int = 0
     augment: str = "crop"             # none | crop (random resized crop + flip-free; no hue shifts)
     crop_scale: float = 0.8           # smallest crop area fraction
+    cluster_key: str = ""             # record field whose equal values share batches (hard negatives), e.g. "base"
 
 
 @dataclass

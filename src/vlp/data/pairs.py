@@ -51,6 +51,16 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.groups)
 
+    def clusters(self, key: str) -> list[int]:
+        """A cluster id per group from the record field `key` (e.g. "base": the skin-tone variants of
+        one emoji), for `ResumableBatches(clusters=...)`. Groups without the field are clusters of one."""
+        ids: dict[str, int] = {}
+        out = []
+        for g, members in enumerate(self.groups):
+            value = self.records[members[0]].meta.get(key)
+            out.append(ids.setdefault(str(value) if value is not None else f"\0{g}", len(ids)))
+        return out
+
     def _view(self, i: int, gen: torch.Generator) -> Tensor:
         img = self.images[i]
         return random_resized_crop(img, self.crop_scale, gen) if self.augment == "crop" else img
@@ -76,16 +86,34 @@ class ResumableBatches:
 
     The global batch (`batch_size`) is a slice of a per-epoch permutation seeded by (seed, epoch);
     rank r takes rows [r*b, (r+1)*b) of it with b = batch_size / world. The tail of each epoch is
-    dropped so every rank's batch has the same size.
+    dropped so every rank's batch has the same size. With `clusters` (an id per sample) the
+    permutation shuffles whole clusters and keeps each cluster's samples next to each other, so
+    similar samples (the skin-tone variants of one emoji) land in one batch as hard negatives.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1,
+                 clusters: list[int] | None = None):
         if batch_size % world:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
         if n < batch_size:
             raise ValueError(f"the dataset has {n} samples, fewer than train.batch_size={batch_size}")
         self.n, self.bs, self.seed, self.start, self.rank, self.world = n, batch_size, seed, start, rank, world
         self.per_epoch = n // batch_size
+        self.clusters = torch.as_tensor(clusters) if clusters is not None else None
+        if self.clusters is not None and len(self.clusters) != n:
+            raise ValueError(f"clusters has {len(self.clusters)} ids for {n} samples")
+
+    def permutation(self, epoch: int) -> Tensor:
+        """(n,) sample order of one epoch."""
+        gen = torch.Generator().manual_seed(self.seed + 7919 * epoch)
+        perm = torch.randperm(self.n, generator=gen)
+        if self.clusters is None:
+            return perm
+        c = int(self.clusters.max()) + 1
+        cluster_rank = torch.randperm(c, generator=gen)[self.clusters]          # (n,) shuffled cluster order
+        shuffled_in = torch.empty(self.n, dtype=torch.long)
+        shuffled_in[perm] = torch.arange(self.n)                                # (n,) random tie-break
+        return torch.argsort(cluster_rank * self.n + shuffled_in)
 
     def __iter__(self):
         step, perm, perm_epoch = self.start, None, -1
@@ -93,8 +121,7 @@ class ResumableBatches:
         while True:
             epoch, k = divmod(step, self.per_epoch)
             if epoch != perm_epoch:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch))
-                perm_epoch = epoch
+                perm, perm_epoch = self.permutation(epoch), epoch
             rows = perm[k * self.bs + self.rank * local: k * self.bs + (self.rank + 1) * local]
             yield [(int(i), epoch) for i in rows]
             step += 1

@@ -121,7 +121,8 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
         if dist.is_main():
             (run_dir / "config.toml").write_text(config_lib.dump(cfg))
     batches = ResumableBatches(len(dataset), t.batch_size, t.seed, start=start_step * t.grad_accum,
-                               rank=dist.rank(), world=dist.world())
+                               rank=dist.rank(), world=dist.world(),
+                               clusters=dataset.clusters(cfg.data.cluster_key) if cfg.data.cluster_key else None)
     collate = Collator(tokenizer, cfg.model.text_max_len, views_for(cfg.objectives))
     loader = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.data.num_workers))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
