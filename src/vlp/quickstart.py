@@ -26,7 +26,9 @@ def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides
 
     t0 = time.perf_counter()
     counts = build_emoji(data)
-    print(f"[1/4] emoji data in {data}: {counts.get('emoji', '?')} emoji, {counts.get('images', '?')} images "
+    images = counts.get("images", {})
+    shown = ", ".join(f"{n} {style}" for style, n in images.items()) if isinstance(images, dict) else images
+    print(f"[1/4] emoji data in {data}: {counts.get('emoji', '?')} emoji, images: {shown} "
           f"({time.perf_counter() - t0:.0f} s)")
 
     cfg = config_lib.load(PRESET, [f'data.train="{Path(data) / "dataset.json"}"', f'train.out="{out}"', *overrides])
