@@ -46,8 +46,12 @@ def quickstart_checkpoint(ckpt: str | None) -> tuple[Path, str]:
     step = resolve(path).resolve()
     cfg = json.loads((step / "config.json").read_text())
     model = cfg.get("model", cfg)
-    arch = {k: model[k] for k in ("arch", "image_encoder", "image_size", "embed_dim", "text_layers", "text_width",
-                                  "vit_layers", "vit_width", "cnn") if k in model}
+    keys = ["arch", "image_encoder", "image_size", "embed_dim", "text_init"]
+    if not model.get("text_init"):                    # a text tower from scratch: its size is in the config
+        keys += ["text_layers", "text_width"]
+    if model.get("image_encoder") == "vit":
+        keys += ["vit_layers", "vit_width"]
+    arch = {k: model[k] for k in keys if k in model}
     return step, f"{'quickstart' if not ckpt else 'given'}: {arch}"
 
 

@@ -4,7 +4,7 @@ Post-LN blocks (BERT) and pre-LN blocks (ViT) differ only in where the LayerNorm
 does both. Parameter names stay close to BERT's (separate q/k/v projections) so that a Hugging Face
 checkpoint maps onto them by a short name table (`vlp.encoders.text.load_bert`).
 
-Speed on CPU (figures in benchmarks/train_throughput.py and docs/performance.md), without changing
+Speed on CPU (measured by benchmarks/train_throughput.py, figures in docs/results.md), without changing
 what is stored: q, k and v are projected by one product over their concatenated weights (the
 1/sqrt(head) scale folded into q's rows); in bfloat16 attention over short sequences is written out
 (q k^T -> softmax -> v, batched products), 1.5-2.5x faster than `F.scaled_dot_product_attention` at
