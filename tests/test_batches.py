@@ -36,6 +36,25 @@ def test_clusters_stay_together_and_are_shuffled():
         assert len({clusters[i] for i in batch}) == 2
 
 
+def test_cluster_size_cuts_clusters_into_random_chunks():
+    clusters = [k // 6 for k in range(36)] + list(range(6, 18))   # 6 clusters of 6, then 12 singletons
+    b = ResumableBatches(48, 8, seed=2, clusters=clusters, cluster_size=2)
+    n_runs = 0
+    for epoch in range(3):
+        perm = b.permutation(epoch).tolist()
+        assert sorted(perm) == list(range(48))
+        runs = [(c, len(list(g))) for c, g in itertools.groupby(clusters[i] for i in perm)]
+        for c in range(6):     # a 6-cluster comes as chunks of 2 (two chunks may fall side by side by chance)
+            assert all(n % 2 == 0 for k, n in runs if k == c)
+            n_runs += sum(1 for k, _ in runs if k == c)
+    assert n_runs >= 2 * 6 * 3                                     # mostly apart: whole clusters would give 18
+    # the chunks differ between epochs (members regrouped at random)
+    pairs = lambda e: {frozenset(p) for p in zip(*[iter(i for i in b.permutation(e).tolist() if i < 36)] * 2)}
+    assert pairs(0) != pairs(1)
+    with pytest.raises(ValueError, match="cluster_size must be >= 0"):
+        ResumableBatches(48, 8, seed=2, clusters=clusters, cluster_size=-1)
+
+
 def test_without_clusters_the_order_is_unchanged():
     b = ResumableBatches(30, 6, seed=4)
     assert b.permutation(2).tolist() == torch.randperm(30, generator=torch.Generator().manual_seed(4 + 7919 * 2)).tolist()

@@ -44,6 +44,41 @@ def test_locked_tower_split_equals_one_pass():
     assert g_fast[:50].abs().sum() == 0 and g_fast[55].abs().sum() > 0
 
 
+def test_cached_features_equal_the_tower():
+    """`cache_text` features are looked up for frozen-token captions: same embeddings and gradients."""
+    model = _model()
+    ids = torch.randint(5, 50, (6, 7))
+    ids[1, 3] = 55                                       # one caption holds a new token
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, 5:] = mask[2, 3:] = False
+    ids[~mask] = 0
+    assert model.cache_text(ids[:3], mask[:3]) == 2      # the caption with a new token is never cached
+    noise = torch.randn(50, 32)
+    model.text.embeddings.word.weight.data[:50] += noise  # poison the tower: only a lookup gives the old value
+    poisoned = model.encode_text(ids, mask)
+    model.text.embeddings.word.weight.data[:50] -= noise
+    model._text_cache = {}
+    plain = model.encode_text(ids, mask)
+    torch.testing.assert_close(poisoned[[0, 2]], plain[[0, 2]], atol=1e-5, rtol=1e-5)   # cached rows
+    assert not torch.allclose(poisoned[3:], plain[3:], atol=1e-3)                      # not cached: recomputed
+    model.cache_text(ids, mask)
+    cached = model.encode_text(ids, mask)
+    cached.square().sum().backward()
+    g = model.text.embeddings.word.weight.grad.clone()
+    model.zero_grad()
+    model._text_cache = {}
+    model.encode_text(ids, mask).square().sum().backward()
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g, model.text.embeddings.word.weight.grad)
+
+
+def test_locked_tower_stays_in_inference_mode():
+    model = _model().train()
+    assert model.training and model.image.training and not model.text.training
+    model.text.locked = False
+    assert model.train().text.training
+
+
 class _Tok:
     """Whitespace tokenizer over integer strings, with BERT's special ids 0-4."""
     pad_id, unk_id, cls_id, sep_id, mask_id = 0, 1, 2, 3, 4

@@ -24,8 +24,14 @@ def losses(run: Path) -> list[float]:
             if "loss" in json.loads(line)]
 
 
-def test_resume_equals_uninterrupted(emoji_tiny, tmp_path, monkeypatch):
-    full = loop.train(tiny_cfg(emoji_tiny, tmp_path / "full"), progress=False)
+LOCKED_MINILM = {"model.text_init": '"minilm"', "model.text_freeze_layers": 6, "model.new_token_init": '"pairs"'}
+
+
+@pytest.mark.parametrize("text", ["scratch", "locked-minilm"])
+def test_resume_equals_uninterrupted(text, emoji_tiny, tmp_path, monkeypatch):
+    """Also with a locked MiniLM tower, whose features for English captions come from `cache_text`."""
+    extra = LOCKED_MINILM if text == "locked-minilm" else {}
+    full = loop.train(tiny_cfg(emoji_tiny, tmp_path / "full", **extra), progress=False)
 
     real_save = ckpt.save_checkpoint
 
@@ -35,9 +41,9 @@ def test_resume_equals_uninterrupted(emoji_tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
     monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(tiny_cfg(emoji_tiny, tmp_path / "cut"), progress=False)
+        loop.train(tiny_cfg(emoji_tiny, tmp_path / "cut", **extra), progress=False)
     monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
-    loop.train(tiny_cfg(emoji_tiny, tmp_path / "cut"), resume=True, progress=False)
+    loop.train(tiny_cfg(emoji_tiny, tmp_path / "cut", **extra), resume=True, progress=False)
 
     assert len(losses(full)) == 6
     assert losses(tmp_path / "cut") == losses(full)          # bit-identical, steps 1-6

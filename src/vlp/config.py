@@ -60,6 +60,7 @@ class DataConfig:
     augment: str = "crop"             # none | crop (random resized crop + flip-free; no hue shifts)
     crop_scale: float = 0.8           # smallest crop area fraction
     cluster_key: str = ""             # record field whose equal values share batches (hard negatives), e.g. "base"
+    cluster_size: int = 0             # with cluster_key: at most this many of a cluster per batch (0 = all)
 
 
 @dataclass

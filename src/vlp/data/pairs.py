@@ -88,11 +88,13 @@ class ResumableBatches:
     rank r takes rows [r*b, (r+1)*b) of it with b = batch_size / world. The tail of each epoch is
     dropped so every rank's batch has the same size. With `clusters` (an id per sample) the
     permutation shuffles whole clusters and keeps each cluster's samples next to each other, so
-    similar samples (the skin-tone variants of one emoji) land in one batch as hard negatives.
+    similar samples (the skin-tone variants of one emoji) land in one batch as hard negatives;
+    `cluster_size` k > 0 keeps at most k of a cluster together (random chunks), so a batch still
+    holds many distinct clusters.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1,
-                 clusters: list[int] | None = None):
+                 clusters: list[int] | None = None, cluster_size: int = 0):
         if batch_size % world:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
         if n < batch_size:
@@ -100,6 +102,9 @@ class ResumableBatches:
         self.n, self.bs, self.seed, self.start, self.rank, self.world = n, batch_size, seed, start, rank, world
         self.per_epoch = n // batch_size
         self.clusters = torch.as_tensor(clusters) if clusters is not None else None
+        if cluster_size < 0:
+            raise ValueError(f"cluster_size must be >= 0 (0 = whole clusters), got {cluster_size}")
+        self.cluster_size = cluster_size
         if self.clusters is not None and len(self.clusters) != n:
             raise ValueError(f"clusters has {len(self.clusters)} ids for {n} samples")
 
@@ -109,10 +114,18 @@ class ResumableBatches:
         perm = torch.randperm(self.n, generator=gen)
         if self.clusters is None:
             return perm
-        c = int(self.clusters.max()) + 1
-        cluster_rank = torch.randperm(c, generator=gen)[self.clusters]          # (n,) shuffled cluster order
+        clusters = self.clusters
         shuffled_in = torch.empty(self.n, dtype=torch.long)
         shuffled_in[perm] = torch.arange(self.n)                                # (n,) random tie-break
+        if self.cluster_size:       # cut each cluster, in random order, into chunks of at most cluster_size
+            order = torch.argsort(clusters * self.n + shuffled_in)              # cluster by cluster
+            sorted_ids = clusters[order]
+            pos = torch.arange(self.n) - torch.searchsorted(sorted_ids, sorted_ids)   # place within its cluster
+            chunk = torch.empty(self.n, dtype=torch.long)
+            chunk[order] = sorted_ids * self.n + pos // self.cluster_size
+            clusters = torch.unique(chunk, return_inverse=True)[1]
+        c = int(clusters.max()) + 1
+        cluster_rank = torch.randperm(c, generator=gen)[clusters]               # (n,) shuffled cluster order
         return torch.argsort(cluster_rank * self.n + shuffled_in)
 
     def __iter__(self):

@@ -122,11 +122,18 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
             (run_dir / "config.toml").write_text(config_lib.dump(cfg))
     batches = ResumableBatches(len(dataset), t.batch_size, t.seed, start=start_step * t.grad_accum,
                                rank=dist.rank(), world=dist.world(),
-                               clusters=dataset.clusters(cfg.data.cluster_key) if cfg.data.cluster_key else None)
+                               clusters=dataset.clusters(cfg.data.cluster_key) if cfg.data.cluster_key else None,
+                               cluster_size=cfg.data.cluster_size)
     collate = Collator(tokenizer, cfg.model.text_max_len, views_for(cfg.objectives))
     loader = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.data.num_workers))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
                 else contextlib.nullcontext())
+    if hasattr(model, "cache_text"):      # a locked text tower: its features for fixed captions, once
+        captions = sorted({c for r in dataset.records for c in r.captions})
+        ids, mask = tokenizer.encode(captions, cfg.model.text_max_len)
+        with autocast:
+            if n := model.cache_text(ids.to(device), mask.to(device)):
+                log.info(f"locked text tower: features of {n} of {len(captions)} training captions precomputed")
     eval_records = _eval_records(cfg, report)
     if state is not None:                 # last: building the loader above draws from the global RNG
         torch.set_rng_state(state["rng"])
