@@ -17,9 +17,9 @@ def test_presets_load_and_round_trip(preset, tmp_path):
 
 def test_overrides_parse_types():
     cfg = config.load(None, ["train.batch_size=64", "train.lr=3e-4", "model.image_encoder=vit",
-                             "train.precision=bf16", "data.cache_images=false", "objectives.text_text=0.5"])
+                             "train.precision=bf16", "model.train_new_tokens=false", "objectives.text_text=0.5"])
     assert (cfg.train.batch_size, cfg.train.lr, cfg.model.image_encoder) == (64, 3e-4, "vit")
-    assert cfg.data.cache_images is False and cfg.objectives["text_text"] == 0.5
+    assert cfg.model.train_new_tokens is False and cfg.objectives["text_text"] == 0.5
     assert config.load(None, ["train.lr=1"]).train.lr == 1.0          # int widens to float
 
 
@@ -42,3 +42,11 @@ def test_wrong_type_and_bad_choice(tmp_path):
         config.load(tmp_path / "bad.toml")
     with pytest.raises(config.ConfigError, match="not found"):
         config.load(tmp_path / "missing.toml")
+
+
+def test_retired_key_loads_from_a_saved_run_but_not_from_a_new_config():
+    saved = config.to_dict(config.Config())
+    saved["data"]["cache_images"] = True                           # written by an earlier version
+    assert config.from_dict(saved) == config.Config()
+    with pytest.raises(config.ConfigError, match="data.cache_images was removed"):
+        config.load(None, ["data.cache_images=false"])

@@ -72,6 +72,21 @@ def test_cached_features_equal_the_tower():
     torch.testing.assert_close(g, model.text.embeddings.word.weight.grad)
 
 
+def test_frozen_new_rows_cache_every_caption():
+    """train_new_rows=False: the new rows keep their init, so every caption is a lookup."""
+    model = _model()
+    freeze_text(model.text, 2, first_new_row=50, train_new_rows=False)
+    assert not model.text.embeddings.word.weight.requires_grad
+    ids = torch.randint(5, 60, (5, 6))                   # new tokens (>= 50) in some captions
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    plain = model.encode_text(ids, mask)
+    assert model.cache_text(ids, mask) == len({tuple(r) for r in ids.tolist()})
+    calls = []
+    model.text.register_forward_hook(lambda *a: calls.append(1))
+    torch.testing.assert_close(model.encode_text(ids, mask), plain)
+    assert not calls                                     # the tower did not run
+
+
 def test_locked_tower_stays_in_inference_mode():
     model = _model().train()
     assert model.training and model.image.training and not model.text.training

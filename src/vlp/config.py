@@ -33,6 +33,7 @@ class ModelConfig:
     text_lr_scale: float = 1.0        # lr multiplier for pretrained text weights
     extend_vocab: bool = True         # add caption characters the checkpoint's vocabulary lacks
     new_token_init: str = "pairs"     # new rows: "pairs" (from the other-language captions of the same image) | "mean"
+    train_new_tokens: bool = True     # with frozen embeddings: train the new rows (False: keep their init)
     # image tower: "vit" (our transformer over patches) or any torchvision classifier name
     image_encoder: str = "resnet18"
     image_weights: str = ""           # optional state-dict file for a torchvision trunk
@@ -55,7 +56,6 @@ class DataConfig:
     eval_split: str = "val"           # split evaluated during training ("" = none)
     lang: str = ""                    # keep captions of one language only ("" = all)
     build_emoji: bool = True          # build data/emoji first if `train` points there and it is missing
-    cache_images: bool = True         # decode every image once into RAM (small datasets)
     num_workers: int = 0
     augment: str = "crop"             # none | crop (random resized crop + flip-free; no hue shifts)
     crop_scale: float = 0.8           # smallest crop area fraction
@@ -122,7 +122,15 @@ def _parse_scalar(text: str):
         return text
 
 
-def _apply(cfg: Config, section: str, key: str, value) -> None:
+# keys earlier versions had: ignored in a saved run's config (old checkpoints still load), an error in a new one
+RETIRED = {("data", "cache_images"): "images are always decoded once into RAM"}
+
+
+def _apply(cfg: Config, section: str, key: str, value, saved: bool = False) -> None:
+    if (section, key) in RETIRED:
+        if saved:
+            return
+        raise ConfigError(f"config key {section}.{key} was removed: {RETIRED[section, key]}; delete it")
     if section not in SECTIONS:
         raise ConfigError(f"unknown config section [{section}]; valid: {', '.join(SECTIONS)}")
     if section == "objectives":
@@ -194,7 +202,7 @@ def from_dict(d: dict) -> Config:
     cfg.objectives = {}
     for section, table in d.items():
         for key, value in table.items():
-            _apply(cfg, section, key, value)
+            _apply(cfg, section, key, value, saved=True)
     validate(cfg)
     return cfg
 

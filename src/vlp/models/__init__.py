@@ -18,7 +18,8 @@ def build_text_tower(cfg: ModelConfig, vocab_size: int, saved: dict | None = Non
         bert["transformer"] = TransformerConfig(**bert["transformer"])
         text = TextEncoder(BertConfig(**bert))
         text.pretrained_vocab = saved["pretrained_vocab"]
-        freeze_text(text, cfg.text_freeze_layers, first_new_row=text.pretrained_vocab)
+        freeze_text(text, cfg.text_freeze_layers, first_new_row=text.pretrained_vocab,
+                    train_new_rows=cfg.train_new_tokens)
         return text
     if cfg.text_init:
         text = load_bert(resolve_checkpoint_dir(cfg.text_init), dropout=cfg.dropout, attn_dropout=cfg.dropout)
@@ -26,7 +27,7 @@ def build_text_tower(cfg: ModelConfig, vocab_size: int, saved: dict | None = Non
         if vocab_size > old:
             text.resize_vocab(vocab_size)
         text.pretrained_vocab = old                     # rows below this came from the checkpoint
-        freeze_text(text, cfg.text_freeze_layers, first_new_row=old)
+        freeze_text(text, cfg.text_freeze_layers, first_new_row=old, train_new_rows=cfg.train_new_tokens)
         return text
     tcfg = TransformerConfig(width=cfg.text_width, layers=cfg.text_layers, heads=cfg.text_heads,
                              intermediate=4 * cfg.text_width, dropout=cfg.dropout, attn_dropout=cfg.dropout)
@@ -41,19 +42,19 @@ def text_config(model: nn.Module) -> dict:
     return {"bert": dataclasses.asdict(model.text.cfg), "pretrained_vocab": model.text.pretrained_vocab}
 
 
-def freeze_text(text: nn.Module, layers: int, first_new_row: int) -> None:
+def freeze_text(text: nn.Module, layers: int, first_new_row: int, train_new_rows: bool = True) -> None:
     """Freeze the embeddings and the bottom `layers` blocks of a pretrained text tower.
 
-    Word-embedding rows added for new vocabulary (ids >= first_new_row) stay trainable: a gradient
-    hook zeroes the rows of the checkpoint's own tokens (they carry no weight decay, so Adam leaves
-    them exactly unchanged).
+    Word-embedding rows added for new vocabulary (ids >= first_new_row) stay trainable unless
+    `train_new_rows` is False: a gradient hook zeroes the rows of the checkpoint's own tokens (they
+    carry no weight decay, so Adam leaves them exactly unchanged).
     """
     if layers <= 0:
         return
     emb = text.embeddings
     for p in emb.parameters():
         p.requires_grad_(False)
-    if emb.word.weight.shape[0] > first_new_row:
+    if train_new_rows and emb.word.weight.shape[0] > first_new_row:
         emb.word.weight.requires_grad_(True)
         emb.word.weight.new_rows_only = True        # the optimizer gives it the full lr, not text_lr_scale
         emb.word.weight.register_hook(lambda g: g.index_fill(0, g.new_tensor(range(first_new_row), dtype=int), 0.0))

@@ -60,10 +60,10 @@ class DualEncoder(nn.Module):
         same features as an uninterrupted one. Call it under the training's autocast. At most `limit`
         captions are cached (about 0.4 GB in bfloat16 at width 384); the rest run the tower.
         """
-        if not self._locked_with_new_rows():
+        if not getattr(self.text, "locked", False):
             return 0
         self.text.eval()                                  # a locked tower never drops out (see `train`)
-        frozen = torch.nonzero((ids < self.text.pretrained_vocab).all(1) & mask.any(1)).squeeze(1)[:limit]
+        frozen = torch.nonzero(~self._live(ids) & mask.any(1)).squeeze(1)[:limit]
         lengths, host = mask.sum(1).tolist(), ids.cpu()
         cache = {}
         with torch.no_grad():
@@ -75,9 +75,13 @@ class DualEncoder(nn.Module):
         self._text_cache = cache
         return len(cache)
 
-    def _locked_with_new_rows(self) -> bool:
-        return (getattr(self.text, "locked", False)
-                and getattr(self.text.embeddings.word.weight, "new_rows_only", False))
+    def _live(self, ids: Tensor) -> Tensor:
+        """(B,) bool: captions whose features a locked tower's training can change (they hold trainable
+        new vocabulary rows). None of them when the new rows are frozen too."""
+        word = self.text.embeddings.word.weight
+        if word.requires_grad and getattr(word, "new_rows_only", False):
+            return (ids >= self.text.pretrained_vocab).any(1)
+        return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids, mask: (B, L) -> (B, D) unit vectors."""
@@ -91,11 +95,11 @@ class DualEncoder(nn.Module):
         English ones) are looked up in the `cache_text` features or, when missing, run without
         autograd (about a third of the cost); only the others backpropagate.
         """
-        if not (torch.is_grad_enabled() and self._locked_with_new_rows()):
+        if not (torch.is_grad_enabled() and getattr(self.text, "locked", False)):
             return mean_pool(self.text(ids, mask))
-        live = (ids >= self.text.pretrained_vocab).any(1)                     # (B,)
-        if not live.any():          # keep the trainable rows in the graph (DDP expects a gradient for them)
-            return mean_pool(self.text(ids, mask))
+        live = self._live(ids)                                                 # (B,)
+        if not live.any() and self.text.embeddings.word.weight.requires_grad:
+            return mean_pool(self.text(ids, mask))   # keep the trainable rows in the graph (DDP expects their grad)
         lengths, host, cache = mask.sum(1).tolist(), ids.cpu(), getattr(self, "_text_cache", {})
         cached = [None if live[i] else cache.get(host[i, :n].numpy().tobytes()) for i, n in enumerate(lengths)]
         hit = torch.tensor([c is not None for c in cached], dtype=torch.bool)
