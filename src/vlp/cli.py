@@ -68,7 +68,7 @@ def cmd_evaluate(args) -> None:
     if not records:
         raise SystemExit(f"error: no records for split {args.split!r} in {args.data} ({report.summary()})")
     res = evaluate(model, tok, records, image_size=cfg.model.image_size, max_len=cfg.model.text_max_len,
-                   lang=args.lang, batch_size=args.batch_size)
+                   lang=args.lang, batch_size=args.batch_size, by=args.by)
     res["checkpoint"], res["data"], res["split"] = str(args.ckpt), str(args.data), args.split
     if report.total():
         res["skipped_records"] = report.summary()
@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--image-root", default=None)
     ev.add_argument("--lang", choices=["en", "zh"], default=None, help="keep captions of one language")
     ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--by", help="also text->image recall per group of images: 'tag' (first tag, e.g. the "
+                                 "emoji category) or a field of the image records")
     ev.add_argument("--out", help="write the metrics JSON here")
     ev.set_defaults(fn=cmd_evaluate)
 

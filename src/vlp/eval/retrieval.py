@@ -56,9 +56,21 @@ def _mean(dicts: list[dict]) -> dict:
     return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0] if isinstance(dicts[0][k], (int, float))}
 
 
+def group_of(record: Record, by: str) -> str:
+    """The value a record is grouped by in `evaluate(by=...)`: "tag" = its first tag (the emoji
+    category), anything else a field of the manifest's image record (e.g. "style")."""
+    if by == "tag":
+        return record.tags[0] if record.tags else ""
+    value = record.meta.get(by)
+    return "" if value is None else str(value)
+
+
 def evaluate(model, tokenizer, records: list[Record], image_size: int, max_len: int, batch_size: int = 256,
-             lang: str | None = None, progress: bool = True) -> dict:
-    """Recall@K both ways (+ per language, + cross-style image->image when there are styles) -> flat dict."""
+             lang: str | None = None, progress: bool = True, by: str | None = None) -> dict:
+    """Recall@K both ways (+ per language, + cross-style image->image when there are styles) -> flat dict.
+
+    by: also text->image recall of the captions of each group of images (`group_of`), against the
+    whole gallery, per language -> result["by_<by>"][group][language or "all"]."""
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -101,6 +113,18 @@ def evaluate(model, tokenizer, records: list[Record], image_size: int, max_len: 
         if len(set(cap_lang)) > 1:
             sel = [c for c in range(len(caps)) if cap_lang[c] == lg]
             result[lg] = {**block(sel), "unk_rate": round(tokenizer.unk_rate([caps[c][0] for c in sel]), 4)}
+    if by:
+        value = [group_of(r, by) for r in kept]
+        if not any(value):
+            raise ValueError(f"no evaluated image has a {by!r} value to group by (use 'tag' or a field of the "
+                             f"image records, e.g. {', '.join(sorted(kept[0].meta)) or 'none here'})")
+        langs = sorted(set(cap_lang) - {""}) if len(set(cap_lang)) > 1 else [None]
+        result[f"by_{by}"] = {
+            v or "(none)": {lg or "all": {**{k: m[k] for k in ("t2i_r1", "t2i_r5", "t2i_r10")}, "n_texts": len(sel)}
+                for lg in langs
+                if (sel := [c for c in range(len(caps)) if value[cap_img[c]] == v and lg in (None, cap_lang[c])])
+                and (m := block(sel))}
+            for v in sorted(set(value))}
     if len(styles) > 1 and "hex" in kept[0].meta:
         q = [i for i in range(len(kept)) if style_of[i] == styles[0]]
         g = [i for i in range(len(kept)) if style_of[i] == styles[1]]
@@ -119,7 +143,7 @@ def evaluate(model, tokenizer, records: list[Record], image_size: int, max_len: 
 
 def format_table(result: dict) -> str:
     """A small text table: rows = all / each language (+ image->image)."""
-    rows = [("all", result)] + [(k, v) for k, v in result.items() if isinstance(v, dict)]
+    rows = [("all", result)] + [(k, v) for k, v in result.items() if isinstance(v, dict) and not k.startswith("by_")]
     cols = list(KEYS) + (["t2i_r1_base"] if "t2i_r1_base" in result else [])
     lines = [f"{'captions':<10}" + "".join(f"{c:>12}" for c in cols)]
     for name, m in rows:
@@ -127,4 +151,10 @@ def format_table(result: dict) -> str:
     if "i2i_r1" in result:
         lines.append(f"image->image ({result['i2i_query_style']} -> {result['i2i_gallery_style']}): "
                      f"R@1 {result['i2i_r1']:.2f}  R@5 {result['i2i_r5']:.2f}  R@10 {result['i2i_r10']:.2f}")
+    for key in (k for k in result if k.startswith("by_")):
+        langs = sorted({lg for groups in result[key].values() for lg in groups})
+        lines.append(f"\ntext->image R@1 {key.replace('_', ' ')}" + "".join(f"{lg:>10}" for lg in langs) + "   captions")
+        for group, m in result[key].items():
+            lines.append(f"  {group[:28]:<28}" + "".join(f"{m[lg]['t2i_r1']:>10.2f}" if lg in m else f"{'-':>10}"
+                                                   for lg in langs) + f"{sum(x['n_texts'] for x in m.values()):>10}")
     return "\n".join(lines)
