@@ -11,7 +11,7 @@ from vlp.data.transforms import normalize
 
 @dataclass
 class Batch:
-    images: Tensor                        # (B, 3, H, W) float, normalised
+    images: Tensor | None                 # (B, 3, H, W) float, normalised (None for region inputs)
     text_ids: Tensor                      # (B, L) long
     text_mask: Tensor                     # (B, L) bool
     group: Tensor                         # (B,) long: rows with one id are never each other's negatives
@@ -21,13 +21,23 @@ class Batch:
     tag_ids: Tensor | None = None         # tags as a textual view
     tag_mask: Tensor | None = None
     tag_group: Tensor | None = None       # (B,) long: rows with identical tag strings
+    # single-stream systems (ImageBERT): detector regions, masking targets, matching labels
+    region_feats: Tensor | None = None    # (B, R, F) float, masked regions already zeroed
+    region_boxes: Tensor | None = None    # (B, R, 5) float locations (encoders.regions.box_features)
+    region_mask: Tensor | None = None     # (B, R) bool, True = real region
+    region_orig: Tensor | None = None     # (B, R, F) the features before masking (MRFR targets)
+    region_labels: Tensor | None = None   # (B, R) long detector class (MOC targets)
+    region_probs: Tensor | None = None    # (B, R, C) detector class distribution (MOC's KL option)
+    region_targets: Tensor | None = None  # (B, R) bool: masked regions with a loss (matched pairs only)
+    mlm_labels: Tensor | None = None      # (B, L) long original ids at masked tokens, -100 elsewhere
+    itm_label: Tensor | None = None       # (B,) float: 1 = matched pair, 0 = a sampled negative
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: (v.to(device, non_blocking=True) if isinstance(v := getattr(self, f.name), Tensor)
                                  else v) for f in fields(self)})
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.text_ids.shape[0]
 
 
 class Collator:

@@ -1,0 +1,143 @@
+"""ImageBERT pieces: masking functions, region embedding, the single-stream model and its four losses."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlp.data.collate import Batch
+from vlp.data.masking import IGNORE, mask_regions, mask_tokens
+from vlp.encoders.regions import RegionEmbedder, box_features
+from vlp.encoders.text import TextEncoder
+from vlp.layers import BertConfig, TransformerConfig
+from vlp.models.single_stream import ImageBERT
+from vlp.objectives.masked_lm import MaskedLM
+from vlp.objectives.masked_region import MaskedObjectClassification, MaskedRegionFeatureRegression
+from vlp.objectives.matching import ImageTextMatching
+
+SPECIAL = [0, 1, 2, 3, 4]          # pad, unk, cls, sep, mask
+VOCAB, FEAT, CLASSES = 60, 12, 7
+
+
+def _ids(B, L, gen):
+    ids = torch.randint(5, VOCAB, (B, L), generator=gen)
+    lengths = torch.randint(3, L + 1, (B,), generator=gen)
+    mask = torch.arange(L)[None] < lengths[:, None]
+    ids[:, 0] = 2
+    ids[torch.arange(B), lengths - 1] = 3
+    return ids * mask, mask
+
+
+def test_mask_tokens_follows_bert():
+    gen = torch.Generator().manual_seed(0)
+    ids, mask = _ids(400, 40, gen)
+    rows = torch.arange(400) % 2 == 0
+    out, labels = mask_tokens(ids, mask, mask_id=4, special_ids=SPECIAL, vocab_size=VOCAB, rows=rows,
+                              gen=torch.Generator().manual_seed(1))
+    candidates = mask & (ids > 4)
+    changed_or_labelled = (out != ids) | (labels != IGNORE)
+    assert not (changed_or_labelled & ~candidates).any()             # specials and padding untouched
+    assert not (labels[~rows] != IGNORE).any()                       # losses on the chosen rows only
+    chosen = labels[rows] != IGNORE
+    frac = chosen.sum() / candidates[rows].sum()
+    assert 0.14 < frac < 0.17
+    o, i = out[rows][chosen], ids[rows][chosen]
+    assert 0.77 < (o == 4).float().mean() < 0.83                      # [MASK]
+    assert 0.07 < ((o != 4) & (o != i)).float().mean() < 0.12          # random (a few random draws equal the original)
+    assert (labels[rows][chosen] == i).all()
+    again = mask_tokens(ids, mask, mask_id=4, special_ids=SPECIAL, vocab_size=VOCAB, rows=rows,
+                        gen=torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], out) and torch.equal(again[1], labels)   # pure: same generator, same masks
+    short, _ = _ids(50, 4, gen)                                         # 1-2 real tokens: at least one is masked
+    _, lab = mask_tokens(short, short > 0, mask_id=4, special_ids=SPECIAL, vocab_size=VOCAB, gen=gen)
+    assert ((lab != IGNORE).sum(1) >= 1)[((short > 4).sum(1) > 0)].all()
+
+
+def test_mask_regions_zeroes_90_percent_of_the_chosen():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.rand(300, 20, FEAT) + 0.1
+    rmask = torch.arange(20)[None] < torch.randint(1, 21, (300, 1), generator=gen)
+    rows = torch.arange(300) < 200
+    out, targets = mask_regions(feats, rmask, rows=rows, gen=gen)
+    zeroed = (out == 0).all(-1)
+    assert not (zeroed & ~rmask).any() and not (targets & ~rmask).any() and not targets[~rows].any()
+    chosen = zeroed | targets                                           # every zeroed region was chosen
+    assert 0.85 < zeroed[rows].sum() / targets[rows].sum() < 0.95
+    assert torch.equal(out[~chosen], feats[~chosen])
+
+
+def _model():
+    torch.manual_seed(0)
+    text = TextEncoder(BertConfig(vocab_size=VOCAB, max_position=32, transformer=TransformerConfig(
+        width=32, layers=2, heads=2, intermediate=64, dropout=0.0, attn_dropout=0.0)))
+    return ImageBERT(text, feature_dim=FEAT, n_classes=CLASSES)
+
+
+def test_region_embedding_is_orderless_and_matches_the_paper():
+    model = _model()
+    emb = model.regions
+    feats, boxes = torch.randn(2, 5, FEAT), torch.rand(2, 5, 5)
+    x = emb(feats, boxes, torch.ones(2, 5, dtype=torch.bool)).x
+    t = model.text.embeddings
+    ref = F.layer_norm(emb.object(feats) + emb.location(boxes) + t.token_type.weight[1] + t.position.weight[0],
+                       (32,), emb.norm.weight, emb.norm.bias, emb.norm.eps)
+    torch.testing.assert_close(x, ref)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    torch.testing.assert_close(emb(feats[:, perm], boxes[:, perm], torch.ones(2, 5, dtype=torch.bool)).x, x[:, perm])
+    loc = box_features(torch.tensor([[10.0, 20.0, 30.0, 40.0]]), 100.0, 200.0)
+    torch.testing.assert_close(loc, torch.tensor([[0.1, 0.1, 0.4, 0.3, 1200 / 20000]]))
+
+
+def _batch(gen, B=6, L=10, R=5):
+    ids, mask = _ids(B, L, gen)
+    feats = torch.rand(B, R, FEAT, generator=gen)
+    rmask = torch.arange(R)[None] < torch.randint(1, R + 1, (B, 1), generator=gen)
+    itm = (torch.arange(B) % 2 == 0).float()
+    masked_ids, labels = mask_tokens(ids, mask, mask_id=4, special_ids=SPECIAL, vocab_size=VOCAB, rows=itm > 0,
+                                     prob=0.3, gen=gen)
+    masked_feats, targets = mask_regions(feats, rmask, rows=itm > 0, prob=0.3, gen=gen)
+    probs = torch.softmax(torch.randn(B, R, CLASSES, generator=gen), -1)
+    return Batch(images=None, text_ids=masked_ids, text_mask=mask, group=torch.arange(B), region_feats=masked_feats,
+                 region_boxes=torch.rand(B, R, 5, generator=gen), region_mask=rmask, region_orig=feats,
+                 region_labels=probs.argmax(-1), region_probs=probs, region_targets=targets, mlm_labels=labels,
+                 itm_label=itm)
+
+
+def test_losses_against_naive_full_heads():
+    """Heads applied at the masked positions only give the losses of heads applied everywhere."""
+    model, b = _model(), _batch(torch.Generator().manual_seed(3))
+    out = model(b)
+    text, regions = model.encode(b.text_ids, b.text_mask, b.region_feats, b.region_boxes, b.region_mask)
+    all_logits = F.linear(model.mlm_transform(text), model.text.embeddings.word.weight, model.mlm_bias)  # (B, L, V)
+    naive_mlm = F.cross_entropy(all_logits.reshape(-1, VOCAB), b.mlm_labels.reshape(-1), ignore_index=IGNORE)
+    torch.testing.assert_close(MaskedLM()(out, b), naive_mlm)
+    moc_all = model.moc(regions)                                                   # (B, R, C)
+    k = b.region_targets
+    torch.testing.assert_close(MaskedObjectClassification()(out, b), F.cross_entropy(moc_all[k], b.region_labels[k]))
+    kl = sum(F.kl_div(F.log_softmax(moc_all[i, j], -1), b.region_probs[i, j], reduction="sum")
+             for i, j in k.nonzero().tolist()) / k.sum()
+    torch.testing.assert_close(MaskedObjectClassification("distribution")(out, b), kl)
+    mse = ((model.mrfr(regions)[k] - b.region_orig[k]) ** 2).mean()
+    torch.testing.assert_close(MaskedRegionFeatureRegression()(out, b), mse)
+    itm = -(b.itm_label * F.logsigmoid(out.itm_logit) + (1 - b.itm_label) * F.logsigmoid(-out.itm_logit)).mean()
+    torch.testing.assert_close(ImageTextMatching()(out, b), itm)
+    # only matched pairs carry masking targets
+    assert not (b.mlm_labels[b.itm_label == 0] != IGNORE).any() and not b.region_targets[b.itm_label == 0].any()
+
+
+def test_all_four_losses_train_every_head():
+    model, b = _model(), _batch(torch.Generator().manual_seed(4))
+    out = model(b)
+    loss = sum(obj(out, b) for obj in (MaskedLM(), MaskedObjectClassification(), MaskedRegionFeatureRegression(),
+                                       ImageTextMatching()))
+    loss.backward()
+    for name in ("mlm_bias", "moc.1.weight", "mrfr.1.weight", "itm.weight", "regions.object.weight",
+                 "regions.location.weight", "text.transformer.blocks.0.attn.q.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    # text positions pass to the regions and back: a region change moves the [CLS] state
+    b2 = _batch(torch.Generator().manual_seed(4))
+    b2.region_feats = b2.region_feats + 1.0
+    assert not torch.allclose(model(b2).cls, out.cls)
+
+
+def test_moc_target_is_checked():
+    with pytest.raises(ValueError, match="MOC target must be"):
+        MaskedObjectClassification("soft")
