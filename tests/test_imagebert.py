@@ -141,3 +141,77 @@ def test_all_four_losses_train_every_head():
 def test_moc_target_is_checked():
     with pytest.raises(ValueError, match="MOC target must be"):
         MaskedObjectClassification("soft")
+
+
+def _samples(n=6, gen=None):
+    gen = gen or torch.Generator().manual_seed(5)
+    words = ["red apple", "dog face", "a cat above a house", "two trees", "blue car", "green frog"]
+    out = []
+    for i in range(n):
+        k = int(torch.randint(1, 5, (1,), generator=gen))
+        out.append({"text": words[i % len(words)], "feats": torch.rand(k, FEAT, generator=gen) + 0.1,
+                    "boxes": torch.rand(k, 5, generator=gen), "labels": torch.randint(CLASSES, (k,), generator=gen),
+                    "probs": torch.softmax(torch.randn(k, CLASSES, generator=gen), -1), "group": i // 2})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from vlp.data.tokenizer import Tokenizer, minilm_dir
+    return Tokenizer.from_dir(minilm_dir())
+
+
+def test_pair_collator_rows_negatives_and_masks(tok):
+    from vlp.data.collate import PairCollator
+    samples = _samples()
+    b = PairCollator(tok, 16, negatives=3, mask=True, seed=1)(samples)
+    assert len(b) == 6 * 4 and b.itm_label.view(6, 4).tolist() == [[1.0, 0.0, 0.0, 0.0]] * 6
+    plain = PairCollator(tok, 16, negatives=3, mask=False, seed=1)(samples)
+    texts = [tok.decode(r) for r in plain.text_ids]
+    for i, s in enumerate(samples):
+        rows = range(4 * i, 4 * i + 4)
+        assert texts[4 * i] == s["text"] and plain.group[4 * i] == s["group"]
+        for r in rows[1:]:   # a negative keeps the caption or the regions of sample i, never both
+            same_regions = len(s["feats"]) == int(plain.region_mask[r].sum()) and torch.equal(
+                plain.region_feats[r, :len(s["feats"])], s["feats"])
+            assert same_regions != (texts[r] == s["text"])     # (captions are distinct in this batch)
+            if same_regions:                                   # a caption of another group
+                assert all(texts[r] != o["text"] for o in samples if o["group"] == s["group"])
+            else:                                              # regions of another group
+                assert plain.group[r] != s["group"]
+    assert plain.mlm_labels is None and plain.region_targets is None
+    # masking: losses on matched rows only; the originals are kept for MRFR; padding never masked
+    assert not (b.mlm_labels[b.itm_label == 0] != IGNORE).any() and b.region_targets[b.itm_label == 1].any()
+    assert not b.region_targets[b.itm_label == 0].any() and not (b.region_targets & ~b.region_mask).any()
+    torch.testing.assert_close(b.region_orig, plain.region_feats)
+    again = PairCollator(tok, 16, negatives=3, mask=True, seed=1)(samples)
+    assert torch.equal(again.text_ids, b.text_ids) and torch.equal(again.region_feats, b.region_feats)
+    with pytest.raises(ValueError, match="at least two groups"):
+        PairCollator(tok, 16)([dict(s, group=0) for s in samples])
+
+
+def test_retrieval_finetune_losses_against_naive():
+    from vlp.objectives.matching import RetrievalFinetune
+    logits = torch.randn(5 * 4)
+    labels = torch.tensor([1.0, 0, 0, 0] * 5)
+    out, batch = SimpleOut(logits), SimpleBatch(labels)
+    s = logits.view(5, 4)
+    torch.testing.assert_close(RetrievalFinetune("bce")(out, batch), F.binary_cross_entropy_with_logits(logits, labels))
+    naive_ce = torch.stack([-(s[i, 0] - s[i].logsumexp(0)) for i in range(5)]).mean()
+    torch.testing.assert_close(RetrievalFinetune("ce")(out, batch), naive_ce)
+    naive_tri = torch.stack([max(torch.tensor(0.0), 0.2 - s[i, 0] + max(s[i, 1:])) for i in range(5)]).mean()
+    torch.testing.assert_close(RetrievalFinetune("triplet", margin=0.2)(out, batch), naive_tri)
+    with pytest.raises(ValueError, match="grouped as"):
+        RetrievalFinetune("ce")(out, SimpleBatch(torch.tensor([0.0, 1, 0, 0] * 5)))
+    with pytest.raises(ValueError, match="retrieval loss must be"):
+        RetrievalFinetune("hinge")
+
+
+class SimpleOut:
+    def __init__(self, itm_logit):
+        self.itm_logit = itm_logit
+
+
+class SimpleBatch:
+    def __init__(self, itm_label):
+        self.itm_label = itm_label

@@ -1,11 +1,13 @@
 """Batch: the one structure the collator builds and the loop moves; models read only what they need."""
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
+from vlp.data.masking import mask_regions, mask_tokens
 from vlp.data.transforms import normalize
 
 
@@ -57,6 +59,65 @@ class Collator:
         if "tags" in self.views:
             b.tag_ids, b.tag_mask = self.tok.encode([s["tags"] for s in samples], self.max_len)
             b.tag_group = torch.tensor([s["tag_group"] for s in samples])
+        return b
+
+
+class PairCollator:
+    """Samples of (caption, regions) -> a Batch of matched pairs and sampled negatives for a
+    single-stream model (ImageBERT, Qi et al. 2020, Sec. 3.3-3.4).
+
+    A sample is a dict: "text" str, "feats" (K, F), "boxes" (K, 5) locations, "labels" (K,) long,
+    optional "probs" (K, C), "group" int (samples of one group are never each other's negatives).
+    Each matched pair is followed by `negatives` rows, alternately its caption with another group's
+    regions and its regions with another group's caption (the paper's random image per caption and
+    random caption per image), so rows come as [match, negatives...] per sample: the layout the
+    retrieval fine-tuning losses read. With `mask=True` (pretraining) every row is masked
+    (`vlp.data.masking`) and the masked-position targets are kept on the matched rows only.
+    """
+
+    def __init__(self, tokenizer, max_len: int, negatives: int = 1, mask: bool = True, seed: int = 0):
+        self.tok, self.max_len, self.negatives, self.mask, self.seed = tokenizer, max_len, negatives, mask, seed
+
+    @staticmethod
+    def _other(i: int, groups: list[int], gen: torch.Generator) -> int:
+        """A random sample index of a group other than sample i's."""
+        choices = [j for j, g in enumerate(groups) if g != groups[i]]
+        if not choices:
+            raise ValueError("a batch needs samples of at least two groups to draw negatives from")
+        return choices[int(torch.randint(len(choices), (1,), generator=gen))]
+
+    def __call__(self, samples: list[dict]) -> Batch:
+        groups = [s["group"] for s in samples]
+        # random only by (seed, the batch's samples): a resumed run draws the same negatives and masks
+        key = zlib.crc32(repr([(s["group"], s.get("epoch", 0), s["text"]) for s in samples]).encode())
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
+        rows = []                                         # (caption sample, regions sample, matched)
+        for i in range(len(samples)):
+            rows.append((i, i, True))
+            for k in range(self.negatives):
+                j = self._other(i, groups, gen)
+                rows.append((j, i, False) if k % 2 == 0 else (i, j, False))
+        ids, mask = self.tok.encode([samples[t]["text"] for t, _, _ in rows], self.max_len)
+        regs = [samples[r] for _, r, _ in rows]
+        K = max(len(s["feats"]) for s in regs)
+
+        def pad(key: str, fill=0) -> Tensor:              # (N, K, ...) zero-padded region tensors
+            return torch.stack([torch.cat([s[key], s[key].new_full((K - len(s[key]), *s[key].shape[1:]), fill)])
+                                for s in regs])
+        region_mask = torch.arange(K)[None] < torch.tensor([len(s["feats"]) for s in regs])[:, None]
+        matched = torch.tensor([m for _, _, m in rows])
+        b = Batch(images=None, text_ids=ids, text_mask=mask, group=torch.tensor([groups[r] for _, r, _ in rows]),
+                  region_feats=pad("feats"), region_boxes=pad("boxes"), region_mask=region_mask,
+                  region_labels=pad("labels"), itm_label=matched.float())
+        if all(s.get("probs") is not None for s in regs):
+            b.region_probs = pad("probs")
+        if self.mask:
+            b.text_ids, b.mlm_labels = mask_tokens(ids, mask, mask_id=self.tok.mask_id, vocab_size=self.tok.vocab_size,
+                                                   special_ids=sorted({self.tok.pad_id, self.tok.unk_id, self.tok.cls_id,
+                                                                       self.tok.sep_id, self.tok.mask_id}),
+                                                   rows=matched, gen=gen)
+            b.region_orig = b.region_feats
+            b.region_feats, b.region_targets = mask_regions(b.region_feats, region_mask, rows=matched, gen=gen)
         return b
 
 

@@ -6,6 +6,7 @@ caption for an image, a random image for a caption).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -13,3 +14,35 @@ from torch import Tensor, nn
 class ImageTextMatching(nn.Module):
     def forward(self, out, batch) -> Tensor:
         return F.binary_cross_entropy_with_logits(out.itm_logit.float(), batch.itm_label.float())
+
+
+class RetrievalFinetune(nn.Module):
+    """Retrieval fine-tuning of a cross-encoder (ImageBERT: the three losses its paper compares).
+
+    Rows come grouped per query as [matched pair, P-1 negatives] (`PairCollator(negatives=P-1,
+    mask=False)`); with s the (B, P) matrix of ITM logits:
+    - "bce": binary cross-entropy on every pair (the paper's best);
+    - "ce": multi-class cross-entropy picking the matched pair among the P;
+    - "triplet": max(0, margin - s_match + s_hardest negative).
+    """
+
+    def __init__(self, loss: str = "bce", margin: float = 0.2):
+        super().__init__()
+        if loss not in ("bce", "ce", "triplet"):
+            raise ValueError(f"retrieval loss must be 'bce', 'ce' or 'triplet', got {loss!r}")
+        self.loss, self.margin = loss, margin
+
+    def forward(self, out, batch) -> Tensor:
+        labels = batch.itm_label.float()
+        n_match = int(labels.sum())
+        P = len(labels) // max(n_match, 1)
+        grid = labels.view(-1, P) if n_match and n_match * P == len(labels) else None
+        if grid is None or not (grid[:, 0] == 1).all() or grid[:, 1:].any():
+            raise ValueError("retrieval fine-tuning needs rows grouped as [matched pair, P-1 negatives] per query")
+        logits = out.itm_logit.float()
+        if self.loss == "bce":
+            return F.binary_cross_entropy_with_logits(logits, labels)
+        s = logits.view(-1, P)                                                   # (B, P), column 0 = match
+        if self.loss == "ce":
+            return F.cross_entropy(s, s.new_zeros(s.shape[0], dtype=torch.long))
+        return F.relu(self.margin - s[:, 0] + s[:, 1:].max(1).values).mean()
