@@ -1,0 +1,94 @@
+"""Retrieval with a cross-encoder: exhaustive ITM scoring, or reranking a dual encoder's top k.
+
+A single-stream model (ImageBERT) scores one (caption, image) pair per forward pass, so scoring every
+pair is the papers' protocol for small test sets only. Rerank mode takes each query's top k
+candidates from a first stage (a dual encoder's embeddings), scores those k pairs with the
+cross-encoder and ranks them by that score; the other candidates stay below, in first-stage order.
+Both work query chunk by query chunk, so memory holds one (chunk, candidates) block at a time, and
+return the recall keys of `vlp.metrics` (ties count against the model, as there).
+
+    score = pair_scorer(model, text_ids, text_mask, feats, boxes, region_mask)
+    res = cross_encoder_recall(score, text_to_image, k=16, text_emb=te, image_emb=ie)   # rerank
+    res = cross_encoder_recall(score, text_to_image)                                      # exhaustive
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from vlp.metrics import _check_ks, _check_targets, _summary
+
+PairScorer = Callable[[Tensor, Tensor], Tensor]      # (text indices (N,), image indices (N,)) -> (N,) scores
+
+
+def pair_scorer(model, text_ids: Tensor, text_mask: Tensor, feats: Tensor, boxes: Tensor, region_mask: Tensor,
+                batch_size: int = 256) -> PairScorer:
+    """A PairScorer over a tokenised caption set (T, L) and a region set (I, R, ...) with `model.match_scores`."""
+    @torch.no_grad()
+    def score(t: Tensor, i: Tensor) -> Tensor:
+        out = []
+        for a in range(0, len(t), batch_size):
+            tt, ii = t[a:a + batch_size], i[a:a + batch_size]
+            L, R = int(text_mask[tt].sum(1).max()), int(region_mask[ii].sum(1).max())   # trim shared padding
+            out.append(model.match_scores(text_ids[tt, :L], text_mask[tt, :L], feats[ii, :R], boxes[ii, :R],
+                                          region_mask[ii, :R]).float())
+        return torch.cat(out)
+    return score
+
+
+def _rerank_block(first: Tensor, k: int, score_rows: Callable[[Tensor], Tensor], gt: Tensor) -> Tensor:
+    """One query block. first (c, N) first-stage scores; score_rows(top (c, k)) -> (c, k) cross-encoder
+    scores; gt (c, N) bool ground truth -> (c,) rank of the best ground truth after reranking the top k."""
+    top = first.topk(k, dim=1).indices                                                   # (c, k)
+    s = score_rows(top)                                                                  # (c, k)
+    top_gt = gt.gather(1, top)                                                           # (c, k)
+    # inside the top k: 1 + #(others scoring >= it), i.e. #(top-k scores >= it) counting itself
+    inside = (s[:, None, :] >= s[:, :, None]).sum(2).masked_fill(~top_gt, 10**9).min(1).values   # (c,)
+    # outside: the first-stage rank, below all k reranked candidates
+    fs_gt = first.masked_fill(~gt, float("-inf")).max(1, keepdim=True).values            # (c, 1)
+    outside = (first >= fs_gt).sum(1).clamp_min(k + 1)                                   # (c,)
+    return torch.where(top_gt.any(1), inside, outside)
+
+
+def cross_encoder_recall(score: PairScorer, text_to_image: Tensor | Sequence[int], k: int | None = None,
+                         text_emb: Tensor | None = None, image_emb: Tensor | None = None, n_images: int | None = None,
+                         ks: Sequence[int] = (1, 5, 10), chunk: int = 64, progress: bool = True) -> dict:
+    """Recall both ways with cross-encoder scores. With `text_emb`/`image_emb` (first stage) and `k`:
+    rerank each query's top k; without them: exhaustive (every pair scored; needs `n_images`)."""
+    t0 = time.perf_counter()
+    ks = _check_ks(ks)
+    exhaustive = text_emb is None or image_emb is None
+    if exhaustive and n_images is None:
+        raise ValueError("exhaustive scoring needs n_images (or give text_emb and image_emb for rerank mode)")
+    n_img = n_images if exhaustive else image_emb.shape[0]
+    t2i = _check_targets(text_to_image, len(text_to_image), n_img, "text_to_image")
+    n_txt = len(t2i)
+    k_t2i, k_i2t = (n_img, n_txt) if exhaustive else (min(k or 16, n_img), min(k or 16, n_txt))
+    pairs = 0
+
+    def ranks(n_queries: int, n_cand: int, kk: int, first_rows, gt_rows, pair) -> Tensor:
+        nonlocal pairs
+        out = []
+        for a in tqdm(range(0, n_queries, chunk), desc="rerank" if not exhaustive else "score all pairs",
+                      disable=not progress, leave=False):
+            q = torch.arange(a, min(a + chunk, n_queries))
+            first = torch.zeros(len(q), n_cand) if exhaustive else first_rows(q)
+            rows = lambda top: pair(q[:, None].expand_as(top).reshape(-1), top.reshape(-1)).view(top.shape)
+            out.append(_rerank_block(first, kk, rows, gt_rows(q)))
+            pairs += len(q) * kk
+        return torch.cat(out)
+
+    t2i_ranks = ranks(n_txt, n_img, k_t2i, lambda q: text_emb[q] @ image_emb.t(),
+                      lambda q: t2i[q, None] == torch.arange(n_img)[None], lambda t, i: score(t, i))
+    has_caption = torch.zeros(n_img, dtype=torch.bool).index_fill_(0, t2i, True)
+    i2t_ranks = ranks(n_img, n_txt, k_i2t, lambda q: image_emb[q] @ text_emb.t(),
+                      lambda q: q[:, None] == t2i[None], lambda i, t: score(t, i))
+    i2t_ranks = torch.where(has_caption, i2t_ranks, -1)                  # images without captions are no queries
+    res = _summary(i2t_ranks, t2i_ranks, ks, n_img, n_txt)
+    res.update(mode="exhaustive" if exhaustive else "rerank", k_t2i=k_t2i, k_i2t=k_i2t, pairs_scored=pairs,
+               seconds=round(time.perf_counter() - t0, 2))
+    return res

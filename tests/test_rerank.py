@@ -1,0 +1,78 @@
+"""Cross-encoder retrieval: exhaustive scoring and rerank-the-top-k against naive full matrices."""
+import pytest
+import torch
+
+from vlp.eval.rerank import cross_encoder_recall, pair_scorer
+from vlp.metrics import recall_at_k
+
+T2I = torch.tensor([0, 0, 1, 2, 2, 2, 3, 5, 5, 6, 7, 7])        # 12 captions, 8 images, image 4 has none
+KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def _scorer(S):
+    return lambda t, i: S[t, i]
+
+
+def test_exhaustive_equals_the_full_matrix_with_ties():
+    S = torch.randint(0, 4, (12, 8)).float()                     # many ties: they count against, as in recall_at_k
+    res = cross_encoder_recall(_scorer(S), T2I, n_images=8, progress=False)
+    ref = recall_at_k(S, T2I)
+    assert {k: res[k] for k in KEYS} == pytest.approx({k: ref[k] for k in KEYS})
+    assert res["mode"] == "exhaustive" and res["pairs_scored"] == 12 * 8 * 2
+
+
+def _naive_rerank(first, S, k):
+    """Per query row: the top k of `first` take their S score (above everything), the rest keep `first` below."""
+    out = first - first.max() + S.min() - 1.0                    # every first-stage score below every S score
+    top = first.topk(k, dim=1).indices
+    return out.scatter(1, top, S.gather(1, top))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_rerank_equals_a_naive_reranked_matrix(k):
+    g = torch.Generator().manual_seed(k)
+    te, ie = torch.randn(12, 6, generator=g), torch.randn(8, 6, generator=g)
+    S = torch.randn(12, 8, generator=g)                          # the cross-encoder's (text, image) scores
+    res = cross_encoder_recall(_scorer(S), T2I, k=k, text_emb=te, image_emb=ie, chunk=5, progress=False)
+    first = te @ ie.t()
+    t2i = recall_at_k(_naive_rerank(first, S, k), T2I)
+    i2t = recall_at_k(_naive_rerank(first.t(), S.t(), k).t(), T2I)
+    for key in KEYS[:3]:
+        assert res[key] == pytest.approx(i2t[key]), key
+    for key in KEYS[3:6]:
+        assert res[key] == pytest.approx(t2i[key]), key
+    if k == 8:                                                   # k = all images: rerank is exhaustive t2i
+        assert res["t2i_r1"] == pytest.approx(recall_at_k(S, T2I)["t2i_r1"])
+
+
+def test_rerank_lifts_a_good_cross_encoder_over_a_weak_first_stage():
+    g = torch.Generator().manual_seed(0)
+    te, ie = torch.randn(12, 6, generator=g), torch.randn(8, 6, generator=g)
+    perfect = (T2I[:, None] == torch.arange(8)[None]).float()    # knows every pair
+    first = recall_at_k(te @ ie.t(), T2I)
+    res = cross_encoder_recall(_scorer(perfect), T2I, k=8, text_emb=te, image_emb=ie, progress=False)
+    assert res["t2i_r1"] == 100.0 and res["t2i_r1"] >= first["t2i_r1"]
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="needs n_images"):
+        cross_encoder_recall(_scorer(torch.zeros(12, 8)), T2I)
+    with pytest.raises(ValueError, match="out of range"):
+        cross_encoder_recall(_scorer(torch.zeros(12, 8)), T2I, n_images=5)
+
+
+def test_pair_scorer_matches_single_pairs():
+    from test_imagebert import FEAT, _model
+    model = _model().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 60, (4, 7), generator=g)
+    mask = torch.arange(7)[None] < torch.tensor([[3], [7], [5], [2]])
+    ids[:, 0], ids = 2, ids * mask
+    feats, boxes = torch.rand(3, 4, FEAT, generator=g), torch.rand(3, 4, 5, generator=g)
+    rmask = torch.arange(4)[None] < torch.tensor([[1], [4], [2]])
+    score = pair_scorer(model, ids, mask, feats, boxes, rmask, batch_size=5)
+    t, i = torch.tensor([0, 1, 2, 3, 0, 3, 1]), torch.tensor([0, 1, 2, 0, 2, 1, 0])
+    one = torch.stack([model.match_scores(ids[a:a + 1, :int(mask[a].sum())], mask[a:a + 1, :int(mask[a].sum())],
+                                          feats[b:b + 1, :int(rmask[b].sum())], boxes[b:b + 1, :int(rmask[b].sum())],
+                                          rmask[b:b + 1, :int(rmask[b].sum())])[0] for a, b in zip(t.tolist(), i.tolist())])
+    torch.testing.assert_close(score(t, i), one, atol=1e-5, rtol=1e-5)
