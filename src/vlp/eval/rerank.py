@@ -42,15 +42,16 @@ def pair_scorer(model, text_ids: Tensor, text_mask: Tensor, feats: Tensor, boxes
 
 def _rerank_block(first: Tensor, k: int, score_rows: Callable[[Tensor], Tensor], gt: Tensor) -> Tensor:
     """One query block. first (c, N) first-stage scores; score_rows(top (c, k)) -> (c, k) cross-encoder
-    scores; gt (c, N) bool ground truth -> (c,) rank of the best ground truth after reranking the top k."""
+    scores; gt (c, N) bool ground truth -> (c,) rank of the best ground truth after reranking the top k:
+    1 + the number of wrong candidates scoring at least as high (as `vlp.metrics` counts)."""
     top = first.topk(k, dim=1).indices                                                   # (c, k)
     s = score_rows(top)                                                                  # (c, k)
     top_gt = gt.gather(1, top)                                                           # (c, k)
-    # inside the top k: 1 + #(others scoring >= it), i.e. #(top-k scores >= it) counting itself
-    inside = (s[:, None, :] >= s[:, :, None]).sum(2).masked_fill(~top_gt, 10**9).min(1).values   # (c,)
-    # outside: the first-stage rank, below all k reranked candidates
-    fs_gt = first.masked_fill(~gt, float("-inf")).max(1, keepdim=True).values            # (c, 1)
-    outside = (first >= fs_gt).sum(1).clamp_min(k + 1)                                   # (c,)
+    best = s.masked_fill(~top_gt, float("-inf")).max(1, keepdim=True).values             # (c, 1)
+    inside = 1 + ((s >= best) & ~top_gt).sum(1)                                          # (c,)
+    # no ground truth in the top k: its first-stage rank, below all k reranked candidates
+    first_best = first.masked_fill(~gt, float("-inf")).max(1, keepdim=True).values       # (c, 1)
+    outside = (1 + ((first >= first_best) & ~gt).sum(1)).clamp_min(k + 1)                # (c,)
     return torch.where(top_gt.any(1), inside, outside)
 
 
