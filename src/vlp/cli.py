@@ -39,6 +39,12 @@ def cmd_data(args) -> None:
     print(json.dumps(counts, indent=1, ensure_ascii=False))
 
 
+def cmd_scenes(args) -> None:
+    from vlp.data.scenes import build_scenes
+    counts = build_scenes(args.out, emoji=args.emoji, n=args.n, size=args.size, seed=args.seed)
+    print(json.dumps(counts, indent=1, ensure_ascii=False))
+
+
 def cmd_tokenizer(args) -> None:
     from vlp.data.formats import read_records
     from vlp.data.tokenizer import Tokenizer
@@ -94,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--size", type=int, default=64)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(fn=cmd_data)
+    sc = d.add_parser("emoji-scenes", help="1-4 emoji per canvas with boxes and relational en/zh captions")
+    sc.add_argument("--out", required=True)
+    sc.add_argument("--emoji", default="data/emoji", help="the emoji set to draw from (`vlp data emoji`)")
+    sc.add_argument("--n", type=int, default=3000, help="scenes in all, split 70/10/20 train/val/test")
+    sc.add_argument("--size", type=int, default=128, help="canvas side in pixels")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.set_defaults(fn=cmd_scenes)
 
     t = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="what", required=True)
     tt = t.add_parser("train", help="train a WordPiece vocabulary on a dataset's captions")
