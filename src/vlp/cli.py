@@ -45,6 +45,26 @@ def cmd_scenes(args) -> None:
     print(json.dumps(counts, indent=1, ensure_ascii=False))
 
 
+def cmd_regions(args) -> None:
+    if args.what == "train":
+        from vlp.regions import train_classifier
+        model = train_classifier(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
+                                 image_size=args.image_size, lr=args.lr, seed=args.seed, trunk=args.trunk,
+                                 stem=args.stem, identity=args.identity, bf16=not args.no_bf16, overwrite=args.overwrite)
+        print(json.dumps(model.info, indent=1, ensure_ascii=False))
+    elif args.what == "extract":
+        from vlp.regions import extract_to_store
+        stats = extract_to_store(args.classifier, args.data, args.out, split=args.split or None,
+                                 max_regions=args.max_regions, batch_size=args.batch_size,
+                                 feature_dtype=args.dtype, bf16=not args.no_bf16, overwrite=args.overwrite)
+        print(json.dumps(stats, indent=1, ensure_ascii=False))
+    else:
+        from vlp.data.regions import store_from_npz_dir, store_from_tsv
+        store = (store_from_tsv(args.tsv, args.out, feature_dtype=args.dtype, overwrite=args.overwrite) if args.tsv
+                 else store_from_npz_dir(args.npz_dir, args.out, feature_dtype=args.dtype, overwrite=args.overwrite))
+        print(f"{len(store)} images in the region store {args.out}")
+
+
 def cmd_tokenizer(args) -> None:
     from vlp.data.formats import read_records
     from vlp.data.tokenizer import Tokenizer
@@ -107,6 +127,41 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--size", type=int, default=128, help="canvas side in pixels")
     sc.add_argument("--seed", type=int, default=0)
     sc.set_defaults(fn=cmd_scenes)
+
+    rg = sub.add_parser("regions", help="region features for single-stream models (ImageBERT)").add_subparsers(
+        dest="what", required=True)
+    rt = rg.add_parser("train", help="train the region classifier (the detector stand-in) on single emoji")
+    rt.add_argument("--data", default="data/emoji/dataset.json")
+    rt.add_argument("--out", required=True)
+    rt.add_argument("--steps", type=int, default=140)
+    rt.add_argument("--batch-size", type=int, default=32)
+    rt.add_argument("--image-size", type=int, default=64)
+    rt.add_argument("--lr", type=float, default=2e-3)
+    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--trunk", default="resnet18", help="any torchvision classifier name")
+    rt.add_argument("--stem", default="small", choices=["small", "default"])
+    rt.add_argument("--identity", action="store_true", help="also predict each emoji's identity")
+    rt.add_argument("--no-bf16", action="store_true")
+    rt.add_argument("--overwrite", action="store_true")
+    rx = rg.add_parser("extract", help="RoIAlign region features over each image's boxes into a region store")
+    rx.add_argument("classifier", help="folder written by `vlp regions train`")
+    rx.add_argument("--data", required=True, help="manifest whose records carry boxes (e.g. emoji-scenes)")
+    rx.add_argument("--split", default="")
+    rx.add_argument("--out", required=True)
+    rx.add_argument("--max-regions", type=int, default=36)
+    rx.add_argument("--batch-size", type=int, default=32)
+    rx.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    rx.add_argument("--no-bf16", action="store_true")
+    rx.add_argument("--overwrite", action="store_true")
+    ri = rg.add_parser("import", help="bottom-up-attention TSV files or a folder of .npz files -> a region store")
+    src = ri.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tsv", nargs="+")
+    src.add_argument("--npz-dir")
+    ri.add_argument("--out", required=True)
+    ri.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    ri.add_argument("--overwrite", action="store_true")
+    for parser in (rt, rx, ri):
+        parser.set_defaults(fn=cmd_regions)
 
     t = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="what", required=True)
     tt = t.add_parser("train", help="train a WordPiece vocabulary on a dataset's captions")

@@ -1,0 +1,124 @@
+"""Region features from the region classifier, in the place of a detector's (ImageBERT, Qi et al. 2020,
+Sec. 3.2; bottom-up attention, Anderson et al. 2018).
+
+For each box, `torchvision.ops.roi_align` samples the classifier trunk's last feature map on an
+S x S grid (spatial_scale = feature-map size / image size, sampling_ratio=2, aligned=True); the
+classifier's own pooling (the mean) gives the region feature (F,), and its head + softmax the class
+distribution (C,). With sampling_ratio=2 and aligned=True, a box covering 2S x 2S whole feature
+cells samples every cell centre exactly once, so its feature is the plain average of those cells:
+with the default S = 4, a whole-image box on a 64 px image (8 x 8 map) gives exactly the
+classifier's pooled feature.
+
+Boxes are x1, y1, x2, y2 pixels, the convention of `vlp.data.regions`; scene records carry x, y, w, h
+boxes in `meta["objects"]`, converted by `scene_boxes`.
+
+    clf = load_classifier("runs/regions/classifier")
+    out = extract_regions(clf, images, boxes)   # (B, 3, H, W) normalised, B x (K_i, 4) -> B dicts
+    extract_to_store("runs/regions/classifier", "/tmp/scenes/dataset.json", "feats/val", split="val")
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torchvision.ops import box_convert, roi_align
+from tqdm import tqdm
+
+from vlp.data.formats import BadImageError, Record, SkipReport, load_image, read_records
+from vlp.data.regions import RegionStore
+from vlp.data.transforms import normalize
+from vlp.regions.classifier import RegionClassifier, bf16_autocast, load_classifier
+
+
+@torch.no_grad()
+def extract_regions(classifier: RegionClassifier, images: Tensor, boxes: list[Tensor], output_size: int = 4,
+                    bf16: bool = False) -> list[dict]:
+    """images (B, 3, H, W) float normalised; boxes: B tensors (K_i, 4) x1, y1, x2, y2 pixels ->
+    per image {features (K_i, F), boxes (K_i, 4), cls_prob (K_i, C)}, all float32. Puts the classifier
+    in eval mode. bf16: run the trunk under bf16 autocast (RoIAlign and the head stay float32)."""
+    if len(boxes) != len(images):
+        raise ValueError(f"{len(images)} images but {len(boxes)} box tensors")
+    classifier.eval()
+    with bf16_autocast(bf16):
+        fmap = classifier.trunk.feature_map(images)                           # (B, F, h, w)
+    boxes = [b.to(torch.float32).reshape(-1, 4) for b in boxes]
+    grid = roi_align(fmap.float(), boxes, output_size, spatial_scale=fmap.shape[-1] / images.shape[-1],
+                     sampling_ratio=2, aligned=True)                         # (sum K_i, F, S, S)
+    feats = classifier.pool(grid)                                            # (sum K_i, F)
+    probs = classifier.head(feats).softmax(-1)                               # (sum K_i, C)
+    counts = [len(b) for b in boxes]
+    return [{"features": f, "boxes": b, "cls_prob": p}
+            for f, b, p in zip(feats.split(counts), boxes, probs.split(counts))]
+
+
+def scene_boxes(record: Record) -> Tensor:
+    """A scene record's objects (meta["objects"][i]["box"] = x, y, w, h) -> (K, 4) x1, y1, x2, y2."""
+    objects = record.meta.get("objects")
+    if not objects:
+        raise ValueError(f"{record.image}: the record has no 'objects' with boxes and no boxes were given")
+    return box_convert(torch.tensor([o["box"] for o in objects], dtype=torch.float32), "xywh", "xyxy")
+
+
+def _batches(records: list[Record], batch_size: int, report: SkipReport) -> Iterator[list[tuple[Record, Tensor]]]:
+    """(record, (3, H, W) uint8 at its own size) in batches of equal image size; unreadable ones skipped."""
+    pending: dict[tuple[int, int], list] = {}
+    for r in records:
+        try:
+            image = TF.pil_to_tensor(load_image(r))
+        except BadImageError as e:
+            report.add("unreadable image", str(e))
+            continue
+        batch = pending.setdefault(tuple(image.shape[1:]), [])
+        batch.append((r, image))
+        if len(batch) == batch_size:
+            yield pending.pop(tuple(image.shape[1:]))
+    yield from pending.values()
+
+
+def extract_to_store(classifier_dir: str | Path, records: list[Record] | str | Path, store_dir: str | Path,
+                     split: str | None = None, boxes: dict[str, Tensor] | None = None, max_regions: int = 36,
+                     batch_size: int = 32, output_size: int = 4, feature_dtype: str = "float16", bf16: bool = True,
+                     overwrite: bool = False, progress: bool = True) -> dict:
+    """Extract the regions of every record into a `RegionStore` at `store_dir`.
+
+    records: Record list, or a manifest path read with `read_records(records, split=split)`. Boxes come
+    from `boxes` (image_id -> (K, 4) x1, y1, x2, y2) when given, else from each record's meta["objects"];
+    the first `max_regions` are kept. Images run at their own size. bf16 (default): the trunk under bf16
+    autocast, 2.4x the float32 rate on this CPU, features at cosine >= 0.999 to float32's (measured on 1,239
+    scene regions). -> counts, seconds, regions/s, skips."""
+    classifier = load_classifier(classifier_dir)
+    report = SkipReport()
+    if not isinstance(records, list):
+        records, report = read_records(records, split=split)
+    counts = {"images": 0, "regions": 0}
+
+    def box_source(r: Record) -> Tensor:
+        if boxes is None:
+            return scene_boxes(r)
+        if r.image_id not in boxes:
+            raise KeyError(f"no boxes given for image {r.image_id!r} ({r.image})")
+        return boxes[r.image_id]
+
+    def items() -> Iterator[dict]:
+        bar = tqdm(total=len(records), desc="extract regions", unit="image", disable=not progress)
+        for batch in _batches(records, batch_size, report):
+            rois = [box_source(r)[:max_regions] for r, _ in batch]
+            images = normalize(torch.stack([image for _, image in batch]))
+            for (r, image), out in zip(batch, extract_regions(classifier, images, rois, output_size, bf16)):
+                counts["images"] += 1
+                counts["regions"] += len(out["boxes"])
+                yield {"image_id": r.image_id, "image_w": image.shape[2], "image_h": image.shape[1], **out}
+            bar.update(len(batch))
+            bar.set_postfix(regions_s=f"{counts['regions'] / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+        bar.close()
+
+    start = time.perf_counter()
+    info = {"classifier": str(classifier_dir), "output_size": output_size, "max_regions": max_regions, "bf16": bf16}
+    RegionStore.write(store_dir, items(), feature_dtype, classifier.class_names, info, overwrite)
+    seconds = time.perf_counter() - start
+    return {**counts, "seconds": round(seconds, 2), "regions_per_s": counts["regions"] / max(seconds, 1e-9),
+            "skipped": report.summary()}
