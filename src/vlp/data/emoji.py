@@ -16,7 +16,6 @@ import importlib.metadata
 import importlib.resources
 import io
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
+
+from vlp.data.files import move_into_place
 
 BUILDER_VERSION = 1                   # bump when the output changes for the same inputs
 STYLES = ("openmoji", "twemoji")
@@ -222,13 +223,8 @@ def _replace_folder(tmp: Path, out: Path, settings: dict) -> None:
     stored = _stored_counts(out)
     if stored is not None and stored.get("settings") == settings:
         shutil.rmtree(tmp, ignore_errors=True)
-    elif out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(tmp, out)
+        move_into_place(tmp, out)
 
 
 def _build_into(folder: Path, settings: dict, progress: bool) -> dict:

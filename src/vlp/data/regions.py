@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlp.data.files import move_into_place
+
 STORE_VERSION = 1
 ARRAYS = ("features", "boxes", "cls_prob", "offsets")
 BUTD_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")   # + optional "cls_prob"
@@ -135,7 +137,7 @@ class RegionStore:
         try:
             items = tqdm(items, desc=f"write {path.name}", unit="image", disable=not progress)
             _write_into(tmp, items, np.dtype(feature_dtype), class_names, info or {})
-            _move_into_place(tmp, path)
+            move_into_place(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -204,17 +206,6 @@ def _raw_to_npy(raw: Path, npy: Path, dtype: np.dtype, shape: tuple[int, int]) -
         np.lib.format.write_array_header_1_0(out, header)
         shutil.copyfileobj(src, out, 1 << 24)
     raw.unlink()
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    """Rename the finished folder to `path`; an existing one is moved aside first and removed after."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
 
 
 # --- bottom-up-attention TSV ------------------------------------------------------------------------
