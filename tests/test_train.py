@@ -25,13 +25,26 @@ def losses(run: Path) -> list[float]:
 
 
 LOCKED_MINILM = {"model.text_init": '"minilm"', "model.text_freeze_layers": 6, "model.new_token_init": '"pairs"'}
+IMAGEBERT = "src/vlp/configs/emoji-imagebert.toml"
 
 
-@pytest.mark.parametrize("text", ["scratch", "locked-minilm"])
-def test_resume_equals_uninterrupted(text, emoji_tiny, tmp_path, monkeypatch):
-    """Also with a locked MiniLM tower, whose features for English captions come from `cache_text`."""
+def imagebert_cfg(data, regions, out, **extra):
+    """The ImageBERT preset at tiny size: a 2-layer text tower from scratch over the tiny region store."""
+    sets = [f'data.train="{data}"', f'data.regions="{regions}"', f'train.out="{out}"', "train.steps=6",
+            "train.batch_size=8", "train.log_every=1", "train.save_every=3", "train.warmup_steps=2",
+            "train.precision=fp32", 'model.text_init=""', "model.text_width=32", "model.text_layers=2",
+            "model.text_heads=2"] + [f"{k}={v}" for k, v in extra.items()]
+    return config.load(Path(__file__).parents[1] / IMAGEBERT, sets)
+
+
+@pytest.mark.parametrize("text", ["scratch", "locked-minilm", "imagebert"])
+def test_resume_equals_uninterrupted(text, emoji_tiny, regions_tiny, tmp_path, monkeypatch):
+    """Also with a locked MiniLM tower (features of English captions from `cache_text`) and with
+    ImageBERT (negatives and masks drawn in the collator)."""
     extra = LOCKED_MINILM if text == "locked-minilm" else {}
-    full = loop.train(tiny_cfg(emoji_tiny, tmp_path / "full", **extra), progress=False)
+    make = ((lambda out, **kw: imagebert_cfg(emoji_tiny, regions_tiny, out, **kw)) if text == "imagebert"
+            else (lambda out, **kw: tiny_cfg(emoji_tiny, out, **kw)))
+    full = loop.train(make(tmp_path / "full", **extra), progress=False)
 
     real_save = ckpt.save_checkpoint
 
@@ -41,9 +54,9 @@ def test_resume_equals_uninterrupted(text, emoji_tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
     monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(tiny_cfg(emoji_tiny, tmp_path / "cut", **extra), progress=False)
+        loop.train(make(tmp_path / "cut", **extra), progress=False)
     monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
-    loop.train(tiny_cfg(emoji_tiny, tmp_path / "cut", **extra), resume=True, progress=False)
+    loop.train(make(tmp_path / "cut", **extra), resume=True, progress=False)
 
     assert len(losses(full)) == 6
     assert losses(tmp_path / "cut") == losses(full)          # bit-identical, steps 1-6
@@ -76,13 +89,20 @@ def test_nan_loss_stops_with_last_checkpoint_intact(emoji_tiny, tmp_path, monkey
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_every_preset_tiny_forward_backward(preset, emoji_tiny, tmp_path):
-    """Each preset, shrunk (small images, 2 steps, batch 8), trains, saves and evaluates."""
+def test_every_preset_tiny_forward_backward(preset, emoji_tiny, regions_tiny, tmp_path):
+    """Each preset, shrunk (small images, 2 steps, batch 8), trains, saves and evaluates (dual encoders)
+    or logs every objective (single stream, over the tiny region store)."""
+    single = config.load(preset).model.arch == "imagebert"
     cfg = config.load(preset, [f'data.train="{emoji_tiny}"', f'train.out="{tmp_path / "run"}"', "train.steps=2",
                                "train.batch_size=8", "train.save_every=2", "model.image_size=32",
-                               "data.eval_split=\"test\"", "train.precision=fp32"])
+                               "data.eval_split=\"test\"", "train.precision=fp32"]
+                      + ([f'data.regions="{regions_tiny}"'] if single else []))
     run = loop.train(cfg, progress=False)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
-    assert any("t2i_r1" in r for r in rows)
+    if single:
+        assert all(name in rows[-1] for name in cfg.objectives)
+        assert ckpt.load_checkpoint(run)[0].regions.object.in_features == 16          # sized by the store
+    else:
+        assert any("t2i_r1" in r for r in rows)
     assert (run / "config.toml").is_file() and ckpt.resolve(run).name == "step_2"

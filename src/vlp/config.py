@@ -43,6 +43,9 @@ class ModelConfig:
     vit_layers: int = 4
     vit_heads: int = 4
     dropout: float = 0.0
+    # single-stream (imagebert): region feature size and detector classes, read from the region store
+    region_dim: int = 0
+    region_classes: int = 0
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
 
@@ -61,6 +64,7 @@ class DataConfig:
     crop_scale: float = 0.8           # smallest crop area fraction
     cluster_key: str = ""             # record field whose equal values share batches (hard negatives), e.g. "base"
     cluster_size: int = 0             # with cluster_key: at most this many of a cluster per batch (0 = all)
+    regions: str = ""                 # region store of the training images (`vlp regions extract`), for imagebert
 
 
 @dataclass
@@ -170,7 +174,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 CHOICES = {
-    ("model", "arch"): ("ernie-vil2",),
+    ("model", "arch"): ("ernie-vil2", "imagebert"),
     ("train", "precision"): ("fp32", "bf16"),
     ("model", "new_token_init"): ("pairs", "mean"),
     ("data", "augment"): ("none", "crop"),

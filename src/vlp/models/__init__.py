@@ -83,4 +83,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, saved_text: dict | None = Non
             image, pool = build_image_tower(cfg)
             return DualEncoder(build_text_tower(cfg, vocab_size, saved_text), image, cfg.embed_dim, image_pool=pool,
                                logit_scale_init=cfg.logit_scale_init, logit_scale_max=cfg.logit_scale_max)
-    raise ValueError(f"unknown model.arch {cfg.arch!r}; valid: ernie-vil2")
+        case "imagebert":
+            from vlp.models.single_stream import ImageBERT
+            if cfg.region_dim <= 0 or cfg.region_classes <= 0:
+                raise ValueError("imagebert needs model.region_dim and model.region_classes (the training loop "
+                                 "reads them from data.regions, the region store)")
+            return ImageBERT(build_text_tower(cfg, vocab_size, saved_text), cfg.region_dim, cfg.region_classes)
+    raise ValueError(f"unknown model.arch {cfg.arch!r}; valid: ernie-vil2, imagebert")

@@ -7,6 +7,7 @@ from vlp.objectives.contrastive import VIEWS, Contrastive
 
 OBJECTIVES = {
     "ernie-vil2": tuple(VIEWS),
+    "imagebert": ("mlm", "moc", "mrfr", "itm"),
 }
 
 
@@ -19,4 +20,11 @@ def build_objectives(arch: str, weights: dict[str, float]) -> dict[str, tuple[fl
     match arch:
         case "ernie-vil2":
             return {name: (w, Contrastive(name)) for name, w in weights.items() if w > 0}
+        case "imagebert":
+            from vlp.objectives.masked_lm import MaskedLM
+            from vlp.objectives.masked_region import MaskedObjectClassification, MaskedRegionFeatureRegression
+            from vlp.objectives.matching import ImageTextMatching
+            make = {"mlm": MaskedLM, "moc": MaskedObjectClassification, "mrfr": MaskedRegionFeatureRegression,
+                    "itm": ImageTextMatching}
+            return {name: (w, make[name]()) for name, w in weights.items() if w > 0}
     raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(OBJECTIVES)}")

@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vlp import config as config_lib
-from vlp.data.collate import Collator, views_for
+from vlp.data.collate import Collator, PairCollator, views_for
 from vlp.data.formats import SkipReport, read_records
 from vlp.data.pairs import PairDataset, ResumableBatches
+from vlp.data.region_pairs import RegionPairDataset
+from vlp.data.regions import RegionStore
 from vlp.models import build_model
 from vlp.objectives import build_objectives
 from vlp.train import checkpoint as ckpt
@@ -86,15 +88,21 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
             state = ckpt.trainer_state(run_dir)
         except FileNotFoundError:
             log.info(f"--resume: no checkpoint in {run_dir} yet, starting from step 0")
+    store = _region_store(cfg) if cfg.model.arch == "imagebert" else None
     if state is not None or init:
         model, tokenizer = ckpt.load_for_training(run_dir if state is not None else init, cfg)
     else:
         tokenizer = build_tokenizer(cfg, [c for r in records for c in r.captions])
         model = build_model(cfg.model, tokenizer.vocab_size)
         _init_new_rows(model, tokenizer, records, cfg, log)
-    group_key = "hex" if any("hex" in r.meta for r in records) else ""
-    dataset = PairDataset(records, cfg.model.image_size, group_key=group_key, augment=cfg.data.augment,
-                          crop_scale=cfg.data.crop_scale, seed=t.seed, report=report, progress=progress)
+    if store is not None:       # single stream: (caption, regions) pairs, negatives and masks made in the collator
+        dataset = RegionPairDataset(records, store, seed=t.seed, report=report)
+        collate = PairCollator(tokenizer, cfg.model.text_max_len, negatives=1, mask=True, seed=t.seed)
+    else:
+        group_key = "hex" if any("hex" in r.meta for r in records) else ""
+        dataset = PairDataset(records, cfg.model.image_size, group_key=group_key, augment=cfg.data.augment,
+                              crop_scale=cfg.data.crop_scale, seed=t.seed, report=report, progress=progress)
+        collate = Collator(tokenizer, cfg.model.text_max_len, views_for(cfg.objectives))
     log.info(f"train: {len(dataset.records)} images in {len(dataset)} groups; tokenizer: {tokenizer.vocab_size} "
              f"tokens; skipped: {report.summary() or 'nothing'}")
     by_lang: dict[str, list[str]] = {}
@@ -124,7 +132,6 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
                                rank=dist.rank(), world=dist.world(),
                                clusters=dataset.clusters(cfg.data.cluster_key) if cfg.data.cluster_key else None,
                                cluster_size=cfg.data.cluster_size)
-    collate = Collator(tokenizer, cfg.model.text_max_len, views_for(cfg.objectives))
     loader = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.data.num_workers))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
                 else contextlib.nullcontext())
@@ -134,7 +141,7 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
         with autocast:
             if n := model.cache_text(ids.to(device), mask.to(device)):
                 log.info(f"locked text tower: features of {n} of {len(captions)} training captions precomputed")
-    eval_records = _eval_records(cfg, report)
+    eval_records = _eval_records(cfg, report) if store is None else []   # cross-encoders: eval/rerank.py
     if state is not None:                 # last: building the loader above draws from the global RNG
         torch.set_rng_state(state["rng"])
 
@@ -182,6 +189,20 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
             dist.barrier()
     bar.close()
     return run_dir
+
+
+def _region_store(cfg: config_lib.Config) -> RegionStore:
+    """The training images' region store; its feature size and class count size the model."""
+    if not cfg.data.regions:
+        raise TrainingError("model.arch = imagebert reads detector regions: set data.regions to a region store "
+                            "(vlp regions extract ... or vlp regions import ...)")
+    store = RegionStore(cfg.data.regions)
+    dims = (int(store.features.shape[1]), max(1, len(store.class_names)))
+    if cfg.model.region_dim and (cfg.model.region_dim, cfg.model.region_classes) != dims:
+        raise TrainingError(f"{cfg.data.regions} holds {dims[0]}-d features over {dims[1]} classes, but the model "
+                            f"was built for {cfg.model.region_dim} / {cfg.model.region_classes}")
+    cfg.model.region_dim, cfg.model.region_classes = dims
+    return store
 
 
 def _init_new_rows(model, tokenizer, records, cfg, log) -> None:
