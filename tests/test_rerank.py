@@ -19,7 +19,7 @@ def test_exhaustive_equals_the_full_matrix_with_ties(seed):
     res = cross_encoder_recall(_scorer(S), T2I, n_images=8, progress=False)
     ref = recall_at_k(S, T2I)
     assert {k: res[k] for k in KEYS} == pytest.approx({k: ref[k] for k in KEYS})
-    assert res["mode"] == "exhaustive" and res["pairs_scored"] == 12 * 8 * 2
+    assert res["mode"] == "exhaustive" and res["pairs_scored"] == 12 * 8
 
 
 def _naive_rerank(first, S, k):
@@ -77,3 +77,25 @@ def test_pair_scorer_matches_single_pairs():
                                           feats[b:b + 1, :int(rmask[b].sum())], boxes[b:b + 1, :int(rmask[b].sum())],
                                           rmask[b:b + 1, :int(rmask[b].sum())])[0] for a, b in zip(t.tolist(), i.tolist())])
     torch.testing.assert_close(score(t, i), one, atol=1e-5, rtol=1e-5)
+
+
+def test_vlp_evaluate_a_single_stream_checkpoint(emoji_tiny, regions_tiny, tmp_path):
+    """`vlp evaluate` on an ImageBERT run: exhaustive, and reranking a dual encoder's top 4."""
+    import json
+
+    from test_train import imagebert_cfg, tiny_cfg
+    from vlp.cli import main
+    from vlp.train import loop
+    cross = loop.train(imagebert_cfg(emoji_tiny, regions_tiny, tmp_path / "ib", **{"train.steps": 2}), progress=False)
+    dual = loop.train(tiny_cfg(emoji_tiny, tmp_path / "de", **{"train.steps": 2}), progress=False)
+    base = ["evaluate", str(cross), "--data", str(emoji_tiny), "--split", "test", "--regions", str(regions_tiny)]
+    main(base + ["--out", str(tmp_path / "all.json")])
+    main(base + ["--first-stage", str(dual), "--rerank-k", "4", "--out", str(tmp_path / "rr.json")])
+    exhaustive, rerank = (json.loads((tmp_path / f).read_text()) for f in ("all.json", "rr.json"))
+    assert exhaustive["mode"] == "exhaustive" and rerank["mode"] == "rerank" and rerank["k_t2i"] == 4
+    n_img = exhaustive["n_images"]
+    assert exhaustive["pairs_scored"] == exhaustive["n_texts"] * n_img and n_img > 4
+    assert rerank["pairs_scored"] == 4 * (rerank["n_texts"] + n_img)
+    assert set(KEYS) <= set(rerank) and set(KEYS[:6]) <= set(rerank["first_stage"])
+    with pytest.raises(SystemExit, match="--regions"):
+        main(["evaluate", str(cross), "--data", str(emoji_tiny), "--split", "test"])

@@ -90,11 +90,24 @@ def cmd_evaluate(args) -> None:
     from vlp.eval.retrieval import evaluate, format_table
     from vlp.train.checkpoint import load_checkpoint
     model, tok, cfg = load_checkpoint(args.ckpt)
-    records, report = read_records(args.data, image_root=args.image_root, split=args.split or None)
+    records, report = read_records(args.data, image_root=args.image_root, split=args.split or None,
+                                   lang=args.lang)
     if not records:
         raise SystemExit(f"error: no records for split {args.split!r} in {args.data} ({report.summary()})")
-    res = evaluate(model, tok, records, image_size=cfg.model.image_size, max_len=cfg.model.text_max_len,
-                   lang=args.lang, batch_size=args.batch_size, by=args.by)
+    if cfg.model.arch == "imagebert":
+        from vlp.data.regions import RegionStore
+        from vlp.eval.rerank import evaluate_cross_encoder
+        if not args.regions:
+            raise SystemExit("error: a single-stream checkpoint reads regions: pass --regions STORE")
+        first = None
+        if args.first_stage:
+            dual, dual_tok, dual_cfg = load_checkpoint(args.first_stage)
+            first = (dual, dual_tok, dual_cfg.model.image_size)
+        res = evaluate_cross_encoder(model, tok, records, RegionStore(args.regions), cfg.model.text_max_len,
+                                     k=args.rerank_k, first_stage=first, limit=args.limit, batch_size=args.batch_size)
+    else:
+        res = evaluate(model, tok, records, image_size=cfg.model.image_size, max_len=cfg.model.text_max_len,
+                       lang=args.lang, batch_size=args.batch_size, by=args.by)
     res["checkpoint"], res["data"], res["split"] = str(args.ckpt), str(args.data), args.split
     if report.total():
         res["skipped_records"] = report.summary()
@@ -191,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--by", help="also text->image recall per group of images: 'tag' (first tag, e.g. the "
                                  "emoji category) or a field of the image records")
+    ev.add_argument("--regions", help="region store of the images (single-stream checkpoints)")
+    ev.add_argument("--first-stage", help="dual-encoder checkpoint whose top k a single-stream model reranks")
+    ev.add_argument("--rerank-k", type=int, default=16, help="candidates per query to rerank (with --first-stage)")
+    ev.add_argument("--limit", type=int, help="evaluate the first N images only (exhaustive scoring is slow)")
     ev.add_argument("--out", help="write the metrics JSON here")
     ev.set_defaults(fn=cmd_evaluate)
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from vlp.metrics import _check_ks, _check_targets, _summary
+from vlp.metrics import _check_ks, _check_targets, _summary, recall_at_k
 
 PairScorer = Callable[[Tensor, Tensor], Tensor]      # (text indices (N,), image indices (N,)) -> (N,) scores
 
@@ -68,21 +68,28 @@ def cross_encoder_recall(score: PairScorer, text_to_image: Tensor | Sequence[int
     n_img = n_images if exhaustive else image_emb.shape[0]
     t2i = _check_targets(text_to_image, len(text_to_image), n_img, "text_to_image")
     n_txt = len(t2i)
-    k_t2i, k_i2t = (n_img, n_txt) if exhaustive else (min(k or 16, n_img), min(k or 16, n_txt))
+    k_t2i, k_i2t = min(k or 16, n_img), min(k or 16, n_txt)
     pairs = 0
 
     def ranks(n_queries: int, n_cand: int, kk: int, first_rows, gt_rows, pair) -> Tensor:
         nonlocal pairs
         out = []
-        for a in tqdm(range(0, n_queries, chunk), desc="rerank" if not exhaustive else "score all pairs",
-                      disable=not progress, leave=False):
+        for a in tqdm(range(0, n_queries, chunk), desc="rerank", disable=not progress, leave=False):
             q = torch.arange(a, min(a + chunk, n_queries))
-            first = torch.zeros(len(q), n_cand) if exhaustive else first_rows(q)
+            first = first_rows(q)
             rows = lambda top: pair(q[:, None].expand_as(top).reshape(-1), top.reshape(-1)).view(top.shape)
             out.append(_rerank_block(first, kk, rows, gt_rows(q)))
             pairs += len(q) * kk
         return torch.cat(out)
 
+    if exhaustive:              # every pair once, into one (T, I) matrix
+        blocks = []
+        for a in tqdm(range(0, n_txt, chunk), desc="score all pairs", disable=not progress, leave=False):
+            q = torch.arange(a, min(a + chunk, n_txt))
+            blocks.append(score(q.repeat_interleave(n_img), torch.arange(n_img).repeat(len(q))).view(len(q), n_img))
+        res = recall_at_k(torch.cat(blocks), t2i, ks)
+        res.update(mode="exhaustive", pairs_scored=n_txt * n_img, seconds=round(time.perf_counter() - t0, 2))
+        return res
     t2i_ranks = ranks(n_txt, n_img, k_t2i, lambda q: text_emb[q] @ image_emb.t(),
                       lambda q: t2i[q, None] == torch.arange(n_img)[None], lambda t, i: score(t, i))
     has_caption = torch.zeros(n_img, dtype=torch.bool).index_fill_(0, t2i, True)
@@ -90,6 +97,54 @@ def cross_encoder_recall(score: PairScorer, text_to_image: Tensor | Sequence[int
                       lambda q: q[:, None] == t2i[None], lambda i, t: score(t, i))
     i2t_ranks = torch.where(has_caption, i2t_ranks, -1)                  # images without captions are no queries
     res = _summary(i2t_ranks, t2i_ranks, ks, n_img, n_txt)
-    res.update(mode="exhaustive" if exhaustive else "rerank", k_t2i=k_t2i, k_i2t=k_i2t, pairs_scored=pairs,
+    res.update(mode="rerank", k_t2i=k_t2i, k_i2t=k_i2t, pairs_scored=pairs,
                seconds=round(time.perf_counter() - t0, 2))
+    return res
+
+
+def _region_tensors(store, ids: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """Store entries -> zero-padded features (I, R, F), 5-d locations (I, R, 5), mask (I, R)."""
+    from torchvision.ops import box_convert
+
+    from vlp.encoders.regions import box_features
+    items = [store[i] for i in ids]
+    R, Fd = max(len(x["features"]) for x in items), items[0]["features"].shape[1]
+    feats, boxes = torch.zeros(len(items), R, Fd), torch.zeros(len(items), R, 5)
+    mask = torch.zeros(len(items), R, dtype=torch.bool)
+    for n, x in enumerate(items):
+        k = len(x["features"])
+        feats[n, :k] = x["features"]
+        boxes[n, :k] = box_features(box_convert(x["boxes"], "xyxy", "xywh"), x["image_w"], x["image_h"])
+        mask[n, :k] = True
+    return feats, boxes, mask
+
+
+def evaluate_cross_encoder(model, tokenizer, records: list, store, max_len: int, k: int | None = None,
+                           first_stage: tuple | None = None, limit: int | None = None, batch_size: int = 256,
+                           progress: bool = True) -> dict:
+    """Recall of a single-stream model over a manifest's records and their region store: exhaustive, or
+    rerank mode with `first_stage` = (dual encoder, its tokenizer, its image size) and `k`.
+    limit: evaluate the first `limit` images only (exhaustive scoring grows as images x captions)."""
+    from vlp.data.formats import SkipReport
+    from vlp.data.pairs import decode_images
+    from vlp.eval.retrieval import embed_images, embed_texts
+    model.eval()
+    kept = [r for r in records if r.image_id in store and r.captions][:limit]
+    if not kept:
+        raise ValueError("no evaluated record has regions in the store and a caption")
+    caps = [(c, i) for i, r in enumerate(kept) for c in r.captions]
+    ids, mask = tokenizer.encode([c for c, _ in caps], max_len)
+    feats, boxes, rmask = _region_tensors(store, [r.image_id for r in kept])
+    score = pair_scorer(model, ids, mask, feats, boxes, rmask, batch_size)
+    t2i = torch.tensor([i for _, i in caps])
+    if first_stage is None:
+        res = cross_encoder_recall(score, t2i, n_images=len(kept), progress=progress)
+    else:
+        dual, dual_tok, image_size = first_stage
+        dual.eval()
+        _, images = decode_images(kept, image_size, SkipReport(), progress=False)
+        te = embed_texts(dual, dual_tok, [c for c, _ in caps], max_len)
+        ie = embed_images(dual, images)
+        res = cross_encoder_recall(score, t2i, k=k, text_emb=te, image_emb=ie, progress=progress)
+        res["first_stage"] = {key: v for key, v in recall_at_k(te @ ie.t(), t2i).items() if "_r" in key}
     return res
