@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,7 +33,7 @@ import transformers
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from train_throughput import FLOP_FORMULAS, matmul_peak, proc_status_mb
+from train_throughput import FLOP_FORMULAS, environment, matmul_peak, proc_status_mb, save
 from vlp.data.collate import Batch
 from vlp.data.masking import IGNORE, mask_tokens
 from vlp.encoders.text import TextEncoder
@@ -187,12 +185,10 @@ def main() -> None:
         row |= {"steps": args.steps, "rounds": args.rounds, "rounds_pairs_per_s": rate["rounds"],
                 "params": {n: sum(q.numel() for q in m.parameters()) for n, m in models.items()},
                 "peer": f"transformers {transformers.__version__} VisualBertForPreTraining", "size": SIZE,
-                "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+                **environment()}
         print(json.dumps(row), flush=True)
         results.append(row)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("".join(json.dumps(r) + "\n" for r in results))
+    save(results, RESULTS)
 
 
 if __name__ == "__main__":

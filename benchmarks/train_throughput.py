@@ -218,6 +218,18 @@ def measure(precision: str, models: dict[str, nn.Module], batch, args: argparse.
         "last_loss": {name: round(v, 4) for name, v in losses.items()}}
 
 
+def environment() -> dict:
+    """What a benchmark row records about where it ran."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def save(rows: list[dict], path: Path) -> None:
+    """One JSON object per line, as the rows were printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10, help="timed steps per model per round")
@@ -264,13 +276,10 @@ def main() -> None:
                     "ours_max_rss_mb": mem["ours"]["rss_mb"], "peer_max_rss_mb": mem["peer"]["rss_mb"]}
         row |= {"steps": args.steps, "rounds": args.rounds, "round_ratios": rate["ratios"],
                 "rounds_pairs_per_s": rate["rounds"], "last_loss": rate["last_loss"],
-                "params": params, "peer": f"open_clip {open_clip.__version__}", "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                "load_avg_1min": round(os.getloadavg()[0], 2)}
+                "params": params, "peer": f"open_clip {open_clip.__version__}", **environment()}
         print(json.dumps(row), flush=True)
         results.append(row)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("".join(json.dumps(r) + "\n" for r in results))
+    save(results, RESULTS)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ class Batch:
     def __len__(self) -> int:
         return self.text_ids.shape[0]
 
+    def pairs(self) -> int:
+        """Matched image-text pairs in the batch (rows minus sampled negatives)."""
+        return len(self) if self.itm_label is None else int(self.itm_label.sum())
+
 
 class Collator:
     """List of samples (dicts from PairDataset) -> Batch. Tokenises here, in the loader."""

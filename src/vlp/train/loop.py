@@ -164,7 +164,7 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
             loss.backward()
             for name, v in losses.items():
                 totals[name] = totals.get(name, 0.0) + v.item() / t.grad_accum
-            seen += len(batch) * dist.world()
+            seen += batch.pairs() * dist.world()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad or float("inf"))
         opt.step()
         sched.step()
