@@ -14,6 +14,7 @@ from vlp.data.regions import (RegionStore, read_butd_npz, read_butd_tsv, read_np
                               store_from_tsv, write_butd_npz, write_butd_tsv)
 from vlp.data.transforms import normalize
 from vlp.regions import RegionClassifier, extract_regions, extract_to_store, load_classifier, train_classifier
+from vlp.regions.classifier import name_words
 
 FIX = Path(__file__).parent / "fixtures" / "regions"
 
@@ -219,10 +220,14 @@ def test_whole_image_box_gives_the_pooled_features(classifier):
 def test_train_save_load_and_extract_to_store(emoji_tiny, tmp_path):
     out = tmp_path / "classifier"
     trained = train_classifier(emoji_tiny, out, steps=20, batch_size=8, image_size=32, identity=True,
-                               progress=False)
+                               words=True, progress=False)
     info = trained.info
     assert info["steps"] == 20 and 0 <= info["val_accuracy"] <= 1 and 0 < info["val_chance"] <= 1
     assert info["feature_dim"] == 512 and len(info["identities"]) == trained.identity_head.out_features
+    train_records, _ = read_records(emoji_tiny, split="train")
+    assert info["words"] == name_words(train_records) == sorted(info["words"]) and "face" in info["words"]
+    assert len(info["words"]) == trained.word_head.out_features and not any("\u4e00" <= ch <= "\u9fff"
+                                                                         for w in info["words"] for ch in w)
     model = load_classifier(out)
     assert model.info == info and model.class_names == info["class_names"] and not model.training
     records, _ = read_records(emoji_tiny, split="test")
@@ -245,6 +250,10 @@ def test_train_save_load_and_extract_to_store(emoji_tiny, tmp_path):
     assert item["features"].shape == (2, 512) and item["cls_prob"].shape == (2, len(info["class_names"]))
     assert torch.equal(item["boxes"], torch.tensor([[0.0, 0.0, 32.0, 32.0], [32.0, 16.0, 64.0, 48.0]]))
     torch.testing.assert_close(item["cls_prob"].sum(-1), torch.ones(2), atol=2e-3, rtol=0)
+
+    whole = extract_to_store(out, scenes, tmp_path / "whole", whole_image=True, progress=False)
+    assert whole["regions"] == 3 and RegionStore(tmp_path / "whole").info["whole_image"]
+    assert torch.equal(RegionStore(tmp_path / "whole")[scenes[2].image_id]["boxes"], torch.tensor([[0.0, 0.0, 48.0, 48.0]]))
 
 
 def _paste_scenes(emoji: list[Record], folder: Path) -> list[Record]:

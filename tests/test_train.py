@@ -8,6 +8,7 @@ import torch
 from vlp import config
 from vlp.train import checkpoint as ckpt
 from vlp.train import loop
+from vlp.train.stages import train_stages
 
 PRESETS = sorted((Path(__file__).parents[1] / "src/vlp/configs").glob("*.toml"))
 
@@ -90,14 +91,16 @@ def test_nan_loss_stops_with_last_checkpoint_intact(emoji_tiny, tmp_path, monkey
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_every_preset_tiny_forward_backward(preset, emoji_tiny, regions_tiny, tmp_path):
-    """Each preset, shrunk (small images, 2 steps, batch 8), trains, saves and evaluates (dual encoders)
-    or logs every objective (single stream, over the tiny region store)."""
-    single = config.load(preset).model.arch == "imagebert"
-    cfg = config.load(preset, [f'data.train="{emoji_tiny}"', f'train.out="{tmp_path / "run"}"', "train.steps=2",
-                               "train.batch_size=8", "train.save_every=2", "model.image_size=32",
-                               "data.eval_split=\"test\"", "train.precision=fp32"]
-                      + ([f'data.regions="{regions_tiny}"'] if single else []))
-    run = loop.train(cfg, progress=False)
+    """Each preset, shrunk (small images, 2 steps per stage, batch 8), trains, saves and evaluates (dual
+    encoders) or logs every objective (single stream, over the tiny region store)."""
+    base = config.load(preset)
+    single = base.model.arch == "imagebert"
+    tiny = {"data.train": f'"{emoji_tiny}"', "train.steps": 2, **({"data.regions": f'"{regions_tiny}"'} if single else {})}
+    per_stage = [f"stages.{st['name']}.{k}={v}" for st in base.stages for k, v in tiny.items()]
+    cfg = config.load(preset, [f"{k}={v}" for k, v in tiny.items()] + per_stage + [
+        f'train.out="{tmp_path / "run"}"', "train.batch_size=8", "train.save_every=2", "model.image_size=32",
+        "data.eval_split=\"test\"", "train.precision=fp32"])
+    run = train_stages(cfg, progress=False)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
     if single:

@@ -50,13 +50,14 @@ def cmd_regions(args) -> None:
         from vlp.regions import train_classifier
         model = train_classifier(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
                                  image_size=args.image_size, lr=args.lr, seed=args.seed, trunk=args.trunk,
-                                 stem=args.stem, identity=args.identity, bf16=not args.no_bf16, overwrite=args.overwrite)
+                                 stem=args.stem, identity=args.identity, words=args.words, bf16=not args.no_bf16, overwrite=args.overwrite)
         print(json.dumps(model.info, indent=1, ensure_ascii=False))
     elif args.what == "extract":
         from vlp.regions import extract_to_store
         stats = extract_to_store(args.classifier, args.data, args.out, split=args.split or None,
                                  max_regions=args.max_regions, batch_size=args.batch_size,
-                                 feature_dtype=args.dtype, bf16=not args.no_bf16, overwrite=args.overwrite)
+                                 feature_dtype=args.dtype, bf16=not args.no_bf16, whole_image=args.whole_image,
+                                 overwrite=args.overwrite)
         print(json.dumps(stats, indent=1, ensure_ascii=False))
     else:
         from vlp.data.regions import store_from_npz_dir, store_from_tsv
@@ -76,10 +77,11 @@ def cmd_tokenizer(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from vlp.train.loop import TrainingError, train
+    from vlp.train.loop import TrainingError
+    from vlp.train.stages import train_stages
     cfg = _load_cfg(args)
     try:
-        run = train(cfg, resume=args.resume, init=getattr(args, "init", None), overwrite=args.overwrite)
+        run = train_stages(cfg, resume=args.resume, init=getattr(args, "init", None), overwrite=args.overwrite)
     except TrainingError as e:
         raise SystemExit(f"error: {e}")
     print(f"run folder: {run}")
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--trunk", default="resnet18", help="any torchvision classifier name")
     rt.add_argument("--stem", default="small", choices=["small", "default"])
     rt.add_argument("--identity", action="store_true", help="also predict each emoji's identity")
+    rt.add_argument("--words", action="store_true",
+                    help="also predict the words of each emoji's English name (features that describe unseen emoji)")
     rt.add_argument("--no-bf16", action="store_true")
     rt.add_argument("--overwrite", action="store_true")
     rx = rg.add_parser("extract", help="RoIAlign region features over each image's boxes into a region store")
@@ -164,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--max-regions", type=int, default=36)
     rx.add_argument("--batch-size", type=int, default=32)
     rx.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    rx.add_argument("--whole-image", action="store_true",
+                    help="one region per image covering all of it (images of one object, e.g. the emoji set)")
     rx.add_argument("--no-bf16", action="store_true")
     rx.add_argument("--overwrite", action="store_true")
     ri = rg.add_parser("import", help="bottom-up-attention TSV files or a folder of .npz files -> a region store")

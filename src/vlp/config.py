@@ -7,6 +7,7 @@ the valid choices. `dump(cfg)` writes the resolved config back as TOML (every ru
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tomllib
@@ -65,6 +66,7 @@ class DataConfig:
     cluster_key: str = ""             # record field whose equal values share batches (hard negatives), e.g. "base"
     cluster_size: int = 0             # with cluster_key: at most this many of a cluster per batch (0 = all)
     regions: str = ""                 # region store of the training images (`vlp regions extract`), for imagebert
+    negatives: int = 1                # imagebert: sampled negative pairs per matched pair (retrieval_* losses: P - 1)
 
 
 @dataclass
@@ -102,9 +104,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # objective name -> weight; the valid names depend on model.arch (see vlp.objectives)
     objectives: dict[str, float] = field(default_factory=lambda: {"image_text": 1.0})
+    # multi-stage training: each stage is {"name": str, section: {key: value}} overriding the config above
+    # (a stage's [objectives] replaces the list); each stage starts from the previous stage's weights
+    stages: list[dict] = field(default_factory=list)
 
 
-SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name != "stages"}
 
 
 def _coerce(value, typ, key: str):
@@ -149,25 +154,83 @@ def _apply(cfg: Config, section: str, key: str, value, saved: bool = False) -> N
     setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 
+def _apply_tables(cfg: Config, data: dict, saved: bool = False) -> None:
+    """Apply {section: {key: value}} (a parsed TOML file or a stage) to cfg; [objectives] replaces the list."""
+    if "objectives" in data:
+        cfg.objectives = {}
+    for section, table in data.items():
+        if section == "stages":
+            cfg.stages = _check_stages(cfg, table, saved)
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"top-level key {section!r} must be a [section]; valid: {', '.join(SECTIONS)}")
+        for key, value in table.items():
+            _apply(cfg, section, key, value, saved)
+
+
+def _check_stages(cfg: Config, stages, saved: bool) -> list[dict]:
+    """[[stages]] tables: each a name plus section tables; every override is checked by applying it."""
+    if not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages):
+        raise ConfigError("stages must be an array of tables: [[stages]] name = \"...\" [stages.train] steps = ...")
+    names = [s.get("name") for s in stages]
+    for i, stage in enumerate(stages):
+        if not isinstance(stage.get("name"), str) or not stage["name"] or "/" in stage["name"]:
+            raise ConfigError(f"stage {i + 1} needs a name (a word, e.g. name = \"scenes\")")
+        if names.count(stage["name"]) > 1:
+            raise ConfigError(f"two stages are named {stage['name']!r}")
+        body = {k: v for k, v in stage.items() if k != "name"}
+        if "stages" in body:
+            raise ConfigError(f"stage {stage['name']!r}: stages do not nest")
+        try:
+            _apply_tables(copy.deepcopy(cfg), body, saved)
+        except ConfigError as e:
+            raise ConfigError(f"stage {stage['name']!r}: {e}") from None
+    return [copy.deepcopy(s) for s in stages]
+
+
+def _set_stage(cfg: Config, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    names = [st["name"] for st in cfg.stages]
+    if len(parts) != 3:
+        raise ConfigError(f"--set stages.<name>.<section>.<key>=value expected, got stages.{dotted}")
+    if parts[0] not in names:
+        raise ConfigError(f"no stage named {parts[0]!r}; stages: {', '.join(names) or 'none'}")
+    stage = copy.deepcopy(cfg.stages[names.index(parts[0])])
+    stage.setdefault(parts[1], {})[parts[2]] = value
+    stages = copy.deepcopy(cfg.stages)
+    stages[names.index(parts[0])] = stage
+    cfg.stages = _check_stages(cfg, stages, saved=False)
+
+
+def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """The resolved config of every stage, in order (one unnamed stage when none are listed)."""
+    if not cfg.stages:
+        return [("", cfg)]
+    out = []
+    for stage in cfg.stages:
+        c = copy.deepcopy(cfg)
+        c.stages = []
+        _apply_tables(c, {k: v for k, v in stage.items() if k != "name"})
+        validate(c)
+        out.append((stage["name"], c))
+    return out
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     cfg = Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = tomllib.loads(path.read_text())
-        if "objectives" in data:            # a preset's objective list replaces the default one
-            cfg.objectives = {}
-        for section, table in data.items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"top-level key {section!r} must be a [section]; valid: {', '.join(SECTIONS)}")
-            for key, value in table.items():
-                _apply(cfg, section, key, value)
+        _apply_tables(cfg, tomllib.loads(path.read_text()))
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         dotted, text = item.split("=", 1)
         section, key = dotted.split(".", 1)
+        if section.strip() == "stages":           # stages.<name>.<section>.<key>=value
+            _set_stage(cfg, key.strip(), _parse_scalar(text.strip()))
+            continue
         _apply(cfg, section.strip(), key.strip(), _parse_scalar(text.strip()))
     validate(cfg)
     return cfg
@@ -203,10 +266,7 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(d: dict) -> Config:
     cfg = Config()
-    cfg.objectives = {}
-    for section, table in d.items():
-        for key, value in table.items():
-            _apply(cfg, section, key, value, saved=True)
+    _apply_tables(cfg, {"objectives": {}, **d}, saved=True)
     validate(cfg)
     return cfg
 
@@ -222,8 +282,17 @@ def dump(cfg: Config) -> str:
             return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
         return str(v)
     lines = []
-    for section, table in to_dict(cfg).items():
+    d = to_dict(cfg)
+    stages = d.pop("stages")
+    for section, table in d.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {fmt(v)}" for k, v in table.items()]
+        lines.append("")
+    for stage in stages:                 # [[stages]] then its [stages.<section>] subtables
+        lines += ["[[stages]]", f"name = {fmt(stage['name'])}"]
+        for section, table in stage.items():
+            if section != "name":
+                lines.append(f"[stages.{section}]")
+                lines += [f"{k} = {fmt(v)}" for k, v in table.items()]
         lines.append("")
     return "\n".join(lines)

@@ -3,7 +3,9 @@
 A sample is what `vlp.data.collate.PairCollator` takes: one caption of the image (drawn by (seed,
 epoch, index)), the image's region features (K, F), their 5-d locations (ImageBERT's x1/W, y1/H,
 x2/W, y2/H, area), the detector's class distribution (K, C) and its argmax as the hard label.
-Records without regions in the store or without captions are skipped and counted.
+Records without regions in the store or without captions are skipped and counted. With `group_key`,
+records with equal `meta[group_key]` (e.g. the two drawing styles of one emoji, "hex") form one group,
+so they are never drawn as each other's negatives.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from vlp.encoders.regions import box_features
 
 
 class RegionPairDataset(Dataset):
-    def __init__(self, records: list[Record], store: RegionStore, seed: int = 0, report: SkipReport | None = None):
+    def __init__(self, records: list[Record], store: RegionStore, seed: int = 0, report: SkipReport | None = None,
+                 group_key: str = ""):
         self.report = report if report is not None else SkipReport()
         self.store, self.seed = store, seed
         self.records = []
@@ -28,6 +31,9 @@ class RegionPairDataset(Dataset):
                 self.report.add("no caption", str(r.image))
             else:
                 self.records.append(r)
+        ids: dict = {}
+        self.groups = [ids.setdefault(r.meta.get(group_key, n) if group_key else n, len(ids))
+                       for n, r in enumerate(self.records)]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -42,4 +48,4 @@ class RegionPairDataset(Dataset):
         labels = probs.argmax(-1) if probs.shape[1] else torch.zeros(len(probs), dtype=torch.long)
         caption = r.captions[int(torch.randint(len(r.captions), (1,), generator=gen))]
         return {"text": caption, "feats": regions["features"], "boxes": boxes, "labels": labels,
-                "probs": probs if probs.shape[1] else None, "group": index, "epoch": epoch}
+                "probs": probs if probs.shape[1] else None, "group": self.groups[index], "epoch": epoch}

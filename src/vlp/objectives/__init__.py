@@ -7,8 +7,9 @@ from vlp.objectives.contrastive import VIEWS, Contrastive
 
 OBJECTIVES = {
     "ernie-vil2": tuple(VIEWS),
-    "imagebert": ("mlm", "moc", "mrfr", "itm"),
+    "imagebert": ("mlm", "moc", "mrfr", "itm", "retrieval_bce", "retrieval_ce", "retrieval_triplet"),
 }
+MASKED = ("mlm", "moc", "mrfr")          # objectives that need masked inputs (single stream)
 
 
 def valid_objectives(arch: str) -> tuple[str, ...]:
@@ -23,8 +24,10 @@ def build_objectives(arch: str, weights: dict[str, float]) -> dict[str, tuple[fl
         case "imagebert":
             from vlp.objectives.masked_lm import MaskedLM
             from vlp.objectives.masked_region import MaskedObjectClassification, MaskedRegionFeatureRegression
-            from vlp.objectives.matching import ImageTextMatching
+            from vlp.objectives.matching import ImageTextMatching, RetrievalFinetune
             make = {"mlm": MaskedLM, "moc": MaskedObjectClassification, "mrfr": MaskedRegionFeatureRegression,
-                    "itm": ImageTextMatching}
+                    "itm": ImageTextMatching, "retrieval_bce": lambda: RetrievalFinetune("bce"),
+                    "retrieval_ce": lambda: RetrievalFinetune("ce"),
+                    "retrieval_triplet": lambda: RetrievalFinetune("triplet")}
             return {name: (w, make[name]()) for name, w in weights.items() if w > 0}
     raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(OBJECTIVES)}")

@@ -3,8 +3,11 @@
 ImageBERT reads detector regions: a pooled CNN feature, a box and the detector's class distribution
 per region. No Visual Genome detector exists here, so `RegionClassifier` is a torchvision trunk
 (default ResNet-18 with the small stem) + global average pooling + a linear head that predicts an
-emoji's *category* (its first tag, "Food & Drink", ...; "(none)" when untagged), and optionally a
-second head for its identity (`hex`, an auxiliary loss only). The pooled penultimate features
+emoji's *category* (its first tag, "Food & Drink", ...; "(none)" when untagged), and optionally
+auxiliary heads: the emoji's identity (`hex`) and the words of its English name (multi-label, over
+the words of at least `WORD_MIN_COUNT` training images: "face", "cat", "flag", "medium", "tone", ...,
+the counterpart of the detector's Visual Genome object and attribute names, which is what lets the
+features describe emoji never seen in training). The pooled penultimate features
 (the trunk's channels: 512 for ResNet-18) are the region features and the category softmax is the
 class distribution; `vlp.regions.extract` pools both over boxes of a scene.
 
@@ -21,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -44,6 +49,7 @@ CANVAS_SCALE = (0.4, 1.0)        # emoji side / canvas side (scenes: 28-58 px em
 BACKGROUND = (228, 255)          # canvas colour range per channel, as the scenes use
 WHITE = 235                      # emoji pixels with every channel >= WHITE are its background
 WEIGHT_DECAY = 0.05
+WORD_MIN_COUNT = 4               # a name word gets an output when at least this many training images carry it
 
 
 def category(record: Record) -> str:
@@ -55,13 +61,14 @@ class RegionClassifier(nn.Module):
     """Trunk -> global average pool (the region feature, (B, F)) -> category logits (B, C)."""
 
     def __init__(self, class_names: list[str], trunk: str = "resnet18", stem: str = "small",
-                 identities: list[str] | None = None):
+                 identities: list[str] | None = None, words: list[str] | None = None):
         super().__init__()
-        self.class_names, self.identities = list(class_names), list(identities or [])
+        self.class_names, self.identities, self.words = list(class_names), list(identities or []), list(words or [])
         self.trunk_name, self.stem = trunk, stem
         self.trunk = TorchvisionTrunk(trunk, stem=stem)
         self.head = nn.Linear(self.trunk.width, len(self.class_names))
         self.identity_head = nn.Linear(self.trunk.width, len(self.identities)) if self.identities else None
+        self.word_head = nn.Linear(self.trunk.width, len(self.words)) if self.words else None
         self.info: dict = {}
 
     @property
@@ -97,6 +104,28 @@ def augment(image: Tensor, gen: torch.Generator) -> Tensor:
     return canvas
 
 
+def _english_words(record: Record) -> set[str]:
+    return {w.lower() for c, lang in zip(record.captions, record.langs) if lang in ("en", "")
+            for w in re.findall(r"[^\W_]+", c) if not any("\u4e00" <= ch <= "\u9fff" for ch in w)}
+
+
+def name_words(records: list[Record], min_count: int = WORD_MIN_COUNT) -> list[str]:
+    """The English name words carried by at least `min_count` of the records, sorted."""
+    counts = Counter(w for r in records for w in _english_words(r))
+    return sorted(w for w, n in counts.items() if n >= min_count)
+
+
+def _word_targets(records: list[Record], vocab: list[str]) -> Tensor:
+    """(N, W) float multi-hot: which vocabulary words each record's English name holds."""
+    position = {w: i for i, w in enumerate(vocab)}
+    targets = torch.zeros(len(records), len(vocab))
+    for n, r in enumerate(records):
+        for w in _english_words(r):
+            if w in position:
+                targets[n, position[w]] = 1.0
+    return targets
+
+
 def bf16_autocast(bf16: bool):
     """bf16 autocast on the CPU when asked, else a no-op context."""
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -129,8 +158,8 @@ def _split(records: list[Record], split: str, image_size: int, class_names: list
 
 def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 140, batch_size: int = 32,
                      image_size: int = 64, lr: float = 2e-3, seed: int = 0, trunk: str = "resnet18",
-                     stem: str = "small", identity: bool = False, bf16: bool = True, overwrite: bool = False,
-                     progress: bool = True) -> RegionClassifier:
+                     stem: str = "small", identity: bool = False, words: bool = False, bf16: bool = True,
+                     overwrite: bool = False, progress: bool = True) -> RegionClassifier:
     """Train on the train split of an emoji `dataset.json`, measure category accuracy on its val split,
     save `out_dir/classifier.safetensors` + `classifier.json`. -> the model in eval mode, `.info` as saved.
     The defaults take under 4 minutes on one CPU thread for the emoji set. identity: add the emoji-identity
@@ -146,7 +175,9 @@ def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 1
     identities = sorted({r.meta["hex"] for r in train}) if identity else []
     position = {h: i for i, h in enumerate(identities)}
     ident = torch.tensor([position[r.meta["hex"]] for r in train]) if identity else None
-    model = RegionClassifier(class_names, trunk, stem, identities)
+    vocab = name_words(train) if words else []
+    word_targets = _word_targets(train, vocab) if words else None
+    model = RegionClassifier(class_names, trunk, stem, identities, vocab)
     opt = build_optimizer(model, lr, WEIGHT_DECAY)
     sched = build_scheduler(opt, warmup=max(1, steps // 10), total=steps)
     gen = torch.Generator().manual_seed(seed)
@@ -161,6 +192,8 @@ def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 1
             loss = F.cross_entropy(model.head(feats).float(), labels[idx])
             if ident is not None:
                 loss = loss + F.cross_entropy(model.identity_head(feats).float(), ident[idx])
+            if word_targets is not None:
+                loss = loss + F.binary_cross_entropy_with_logits(model.word_head(feats).float(), word_targets[idx])
         loss.backward()
         opt.step()
         sched.step()
@@ -168,7 +201,7 @@ def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 1
         bar.set_postfix(loss=f"{loss.item():.3f}")
     seconds = time.perf_counter() - start
     info = {"trunk": trunk, "stem": stem, "image_size": image_size, "feature_dim": model.feature_dim,
-            "class_names": class_names, "identities": identities,
+            "class_names": class_names, "identities": identities, "words": vocab,
             "val_accuracy": accuracy(model, val_images, val_labels, bf16=bf16),
             "val_chance": float(torch.bincount(val_labels).max()) / len(val_labels), "val_images": len(val_labels),
             "train_images": len(images), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
@@ -199,7 +232,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Reg
         raise FileNotFoundError(f"no region classifier in {path} (expected {CONFIG} and {WEIGHTS}; "
                                 "train one with train_classifier / `vlp regions train`)")
     info = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    model = RegionClassifier(info["class_names"], info["trunk"], info["stem"], info["identities"])
+    model = RegionClassifier(info["class_names"], info["trunk"], info["stem"], info["identities"], info.get("words"))
     model.load_state_dict(load_file(path / WEIGHTS))
     model.info = info
     return model.to(device).eval()

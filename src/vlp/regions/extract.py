@@ -82,7 +82,7 @@ def _batches(records: list[Record], batch_size: int, report: SkipReport) -> Iter
 def extract_to_store(classifier_dir: str | Path, records: list[Record] | str | Path, store_dir: str | Path,
                      split: str | None = None, boxes: dict[str, Tensor] | None = None, max_regions: int = 36,
                      batch_size: int = 32, output_size: int = 4, feature_dtype: str = "float16", bf16: bool = True,
-                     overwrite: bool = False, progress: bool = True) -> dict:
+                     whole_image: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Extract the regions of every record into a `RegionStore` at `store_dir`.
 
     records: Record list, or a manifest path read with `read_records(records, split=split)`. Boxes come
@@ -96,7 +96,9 @@ def extract_to_store(classifier_dir: str | Path, records: list[Record] | str | P
         records, report = read_records(records, split=split)
     counts = {"images": 0, "regions": 0}
 
-    def box_source(r: Record) -> Tensor:
+    def box_source(r: Record, image: Tensor) -> Tensor:
+        if whole_image:
+            return torch.tensor([[0.0, 0.0, image.shape[2], image.shape[1]]])
         if boxes is None:
             return scene_boxes(r)
         if r.image_id not in boxes:
@@ -106,7 +108,7 @@ def extract_to_store(classifier_dir: str | Path, records: list[Record] | str | P
     def items() -> Iterator[dict]:
         bar = tqdm(total=len(records), desc="extract regions", unit="image", disable=not progress)
         for batch in _batches(records, batch_size, report):
-            rois = [box_source(r)[:max_regions] for r, _ in batch]
+            rois = [box_source(r, image)[:max_regions] for r, image in batch]
             images = normalize(torch.stack([image for _, image in batch]))
             for (r, image), out in zip(batch, extract_regions(classifier, images, rois, output_size, bf16)):
                 counts["images"] += 1
@@ -117,7 +119,8 @@ def extract_to_store(classifier_dir: str | Path, records: list[Record] | str | P
         bar.close()
 
     start = time.perf_counter()
-    info = {"classifier": str(classifier_dir), "output_size": output_size, "max_regions": max_regions, "bf16": bf16}
+    info = {"classifier": str(classifier_dir), "output_size": output_size, "max_regions": max_regions, "bf16": bf16,
+            "whole_image": whole_image}
     RegionStore.write(store_dir, items(), feature_dtype, classifier.class_names, info, overwrite)
     seconds = time.perf_counter() - start
     return {**counts, "seconds": round(seconds, 2), "regions_per_s": counts["regions"] / max(seconds, 1e-9),

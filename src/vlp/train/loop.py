@@ -24,7 +24,7 @@ from vlp.data.pairs import PairDataset, ResumableBatches
 from vlp.data.region_pairs import RegionPairDataset
 from vlp.data.regions import RegionStore
 from vlp.models import build_model
-from vlp.objectives import build_objectives
+from vlp.objectives import MASKED, build_objectives
 from vlp.train import checkpoint as ckpt
 from vlp.train import dist
 from vlp.train.optim import build_optimizer, build_scheduler
@@ -63,7 +63,8 @@ def build_tokenizer(cfg: config_lib.Config, texts: list[str]):
 
 
 def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None, progress: bool = True,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, vocab_texts: list[str] | tuple = ()) -> Path:
+    """One training run. vocab_texts: more captions a new vocabulary must cover (later stages')."""
     device = dist.init()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -92,14 +93,16 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
     if state is not None or init:
         model, tokenizer = ckpt.load_for_training(run_dir if state is not None else init, cfg)
     else:
-        tokenizer = build_tokenizer(cfg, [c for r in records for c in r.captions])
+        tokenizer = build_tokenizer(cfg, [c for r in records for c in r.captions] + list(vocab_texts))
         model = build_model(cfg.model, tokenizer.vocab_size)
         _init_new_rows(model, tokenizer, records, cfg, log)
+    group_key = "hex" if any("hex" in r.meta for r in records) else ""     # emoji: one group per emoji
     if store is not None:       # single stream: (caption, regions) pairs, negatives and masks made in the collator
-        dataset = RegionPairDataset(records, store, seed=t.seed, report=report)
-        collate = PairCollator(tokenizer, cfg.model.text_max_len, negatives=1, mask=True, seed=t.seed)
+        dataset = RegionPairDataset(records, store, seed=t.seed, report=report, group_key=group_key)
+        masked = any(cfg.objectives.get(name, 0) > 0 for name in MASKED)
+        collate = PairCollator(tokenizer, cfg.model.text_max_len, negatives=cfg.data.negatives, mask=masked,
+                               seed=t.seed)
     else:
-        group_key = "hex" if any("hex" in r.meta for r in records) else ""
         dataset = PairDataset(records, cfg.model.image_size, group_key=group_key, augment=cfg.data.augment,
                               crop_scale=cfg.data.crop_scale, seed=t.seed, report=report, progress=progress)
         collate = Collator(tokenizer, cfg.model.text_max_len, views_for(cfg.objectives))
