@@ -87,8 +87,10 @@ def test_trunk_bad_names():
         TorchvisionTrunk("vgg16")
     with pytest.raises(ValueError, match="ResNet family only"):
         TorchvisionTrunk("efficientnet_b0", stem="small")
-    with pytest.raises(ValueError, match="'default' or 'small', got 'tiny'"):
+    with pytest.raises(ValueError, match="one of default, small, half, got 'tiny'"):
         TorchvisionTrunk("resnet18", stem="tiny")
+    for stem, side in (("default", 2), ("half", 4), ("small", 8)):       # layer4 map of a 64 px image
+        assert TorchvisionTrunk("resnet18", stem=stem).feature_map(torch.randn(1, 3, 64, 64)).shape[-1] == side
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\), got \(2, 1, 32, 32\)"):
         TorchvisionTrunk("resnet18")(torch.randn(2, 1, 32, 32))
 

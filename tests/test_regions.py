@@ -226,6 +226,7 @@ def test_train_save_load_and_extract_to_store(emoji_tiny, tmp_path):
     assert info["feature_dim"] == 512 and len(info["identities"]) == trained.identity_head.out_features
     train_records, _ = read_records(emoji_tiny, split="train")
     assert info["words"] == name_words(train_records) == sorted(info["words"]) and "face" in info["words"]
+    assert 0 <= info["val_word_top1"] <= 1
     assert len(info["words"]) == trained.word_head.out_features and not any("\u4e00" <= ch <= "\u9fff"
                                                                          for w in info["words"] for ch in w)
     model = load_classifier(out)

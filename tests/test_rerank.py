@@ -46,6 +46,22 @@ def test_rerank_equals_a_naive_reranked_matrix(k):
         assert res["t2i_r1"] == pytest.approx(recall_at_k(S, T2I)["t2i_r1"])
 
 
+@pytest.mark.parametrize("fuse", [0.5, 3.0])
+def test_fused_rerank_equals_the_naive_matrix_of_fused_scores(fuse):
+    """fuse = w: the top k ranked by sigmoid(cross score) + w * first-stage score."""
+    g = torch.Generator().manual_seed(7)
+    te, ie = torch.randn(12, 6, generator=g), torch.randn(8, 6, generator=g)
+    S = torch.randn(12, 8, generator=g)
+    first = te @ ie.t()
+    res = cross_encoder_recall(_scorer(S), T2I, k=3, text_emb=te, image_emb=ie, chunk=5, progress=False, fuse=fuse)
+    fused = S.sigmoid() + fuse * first
+    t2i = recall_at_k(_naive_rerank(first, fused, 3), T2I)
+    i2t = recall_at_k(_naive_rerank(first.t(), fused.t(), 3).t(), T2I)
+    assert [res[k] for k in KEYS[:3]] == pytest.approx([i2t[k] for k in KEYS[:3]])
+    assert [res[k] for k in KEYS[3:6]] == pytest.approx([t2i[k] for k in KEYS[3:6]])
+    assert res["fuse"] == fuse
+
+
 def test_rerank_lifts_a_good_cross_encoder_over_a_weak_first_stage():
     g = torch.Generator().manual_seed(0)
     te, ie = torch.randn(12, 6, generator=g), torch.randn(8, 6, generator=g)

@@ -106,7 +106,8 @@ def cmd_evaluate(args) -> None:
             dual, dual_tok, dual_cfg = load_checkpoint(args.first_stage)
             first = (dual, dual_tok, dual_cfg.model.image_size)
         res = evaluate_cross_encoder(model, tok, records, RegionStore(args.regions), cfg.model.text_max_len,
-                                     k=args.rerank_k, first_stage=first, limit=args.limit, batch_size=args.batch_size)
+                                     k=args.rerank_k, first_stage=first, limit=args.limit, batch_size=args.batch_size,
+                                     fuse=args.fuse)
     else:
         res = evaluate(model, tok, records, image_size=cfg.model.image_size, max_len=cfg.model.text_max_len,
                        lang=args.lang, batch_size=args.batch_size, by=args.by)
@@ -121,8 +122,11 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_quickstart(args) -> None:
-    from vlp.quickstart import quickstart
-    quickstart(out=args.out, data=args.data, overrides=args.set or [])
+    from vlp.quickstart import quickstart, quickstart_imagebert
+    if args.system == "imagebert":
+        quickstart_imagebert(out=args.out or "runs/quickstart-imagebert", data=args.data, overrides=args.set or [])
+    else:
+        quickstart(out=args.out or "runs/quickstart", data=args.data, overrides=args.set or [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--lr", type=float, default=2e-3)
     rt.add_argument("--seed", type=int, default=0)
     rt.add_argument("--trunk", default="resnet18", help="any torchvision classifier name")
-    rt.add_argument("--stem", default="small", choices=["small", "default"])
+    rt.add_argument("--stem", default="small", choices=["small", "half", "default"],
+                    help="ResNet stem: small (stride 1: 8x8 map at 64 px), half (stride 2: 4x4, 4x faster), default")
     rt.add_argument("--identity", action="store_true", help="also predict each emoji's identity")
     rt.add_argument("--words", action="store_true",
                     help="also predict the words of each emoji's English name (features that describe unseen emoji)")
@@ -213,12 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--regions", help="region store of the images (single-stream checkpoints)")
     ev.add_argument("--first-stage", help="dual-encoder checkpoint whose top k a single-stream model reranks")
     ev.add_argument("--rerank-k", type=int, default=16, help="candidates per query to rerank (with --first-stage)")
+    ev.add_argument("--fuse", type=float, nargs="+", default=[0.0], metavar="W",
+                    help="rerank by sigmoid(ITM) + W * first-stage cosine (0 = ITM alone, the paper; several W: "
+                         "one result each)")
     ev.add_argument("--limit", type=int, help="evaluate the first N images only (exhaustive scoring is slow)")
     ev.add_argument("--out", help="write the metrics JSON here")
     ev.set_defaults(fn=cmd_evaluate)
 
     q = sub.add_parser("quickstart", help="the main job on the embedded emoji data, end to end")
-    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--system", choices=["ernie-vil2", "imagebert"], default="ernie-vil2",
+                   help="ernie-vil2: the dual encoder on the emoji set (about 10 min); imagebert: scenes, regions, "
+                        "two-stage pretraining, fine-tuning and reranked retrieval (about 30 min)")
+    q.add_argument("--out", help="run folder (default runs/quickstart or runs/quickstart-imagebert)")
     q.add_argument("--data", default="data/emoji")
     q.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     q.set_defaults(fn=cmd_quickstart)

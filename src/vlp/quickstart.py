@@ -58,3 +58,129 @@ def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides
     print(f"  vlp serve {index}              # search page on http://127.0.0.1:8000")
     print(f"  vlp evaluate {run} --data {Path(data) / 'dataset.json'} --split test --lang zh")
     return res
+
+
+IMAGEBERT = Path(__file__).parent / "configs" / "emoji-imagebert.toml"
+RETRIEVAL = Path(__file__).parent / "configs" / "emoji-imagebert-retrieval.toml"
+CLASSIFIER = {"steps": 400, "batch_size": 64, "words": True}       # `vlp regions train` settings (docs/results.md)
+
+
+def _same_config(run: Path, cfg, name: str = "config.toml") -> bool:
+    return (run / name).is_file() and (run / name).read_text() == config_lib.dump(cfg)
+
+
+def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "data/emoji", n_scenes: int = 2000,
+                         rerank_k: int = 16, exhaustive_limit: int = 100, overrides: list[str] | tuple = (),
+                         classifier: dict | None = None, finetune_overrides: list[str] | tuple = (),
+                         dual_overrides: list[str] | tuple = (), scenes: str | None = None) -> dict:
+    """ImageBERT end to end on the emoji scenes; every step reuses finished work and resumes interrupted work:
+    scenes -> region classifier -> region stores -> two-stage pretraining (single emoji, then scenes) ->
+    retrieval fine-tuning -> first-stage dual encoder on the scenes -> dual-only vs reranked retrieval on
+    the scenes test split -> `out/eval_test.json` with `dual`, `rerank` and `exhaustive` sections.
+    overrides (`--set`) apply to the pretraining config; classifier (`vlp regions train` settings),
+    finetune_overrides and dual_overrides shrink the other steps (tests)."""
+    from vlp.data.emoji import build_emoji
+    from vlp.data.formats import read_records
+    from vlp.data.regions import RegionStore
+    from vlp.data.scenes import build_scenes
+    from vlp.eval.rerank import evaluate_cross_encoder
+    from vlp.eval.retrieval import format_table
+    from vlp.regions import extract_to_store, train_classifier
+    from vlp.regions.classifier import CONFIG as CLASSIFIER_JSON
+    from vlp.train.checkpoint import load_checkpoint
+    from vlp.train.stages import train_stages
+
+    t0, run, seconds = time.perf_counter(), Path(out), {}
+    emoji_json = Path(data) / "dataset.json"
+    scenes_dir = Path(scenes) if scenes else Path(data).parent / "scenes"
+
+    def lap(name: str, start: float) -> None:
+        seconds[name] = round(time.perf_counter() - start, 1)
+
+    t = time.perf_counter()
+    build_emoji(data)
+    counts = build_scenes(scenes_dir, emoji=data, n=n_scenes)
+    lap("data", t)
+    split_counts = counts.get("scenes", {})
+    shown = ", ".join(f"{n} {split}" for split, n in split_counts.items()) if isinstance(split_counts, dict) else n_scenes
+    print(f"[1/7] emoji set in {data}; scenes in {scenes_dir}: {shown} ({seconds['data']} s)")
+
+    t = time.perf_counter()
+    clf_dir = run / "regions" / "classifier"
+    info_path = clf_dir / CLASSIFIER_JSON
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    clf = {**CLASSIFIER, **(classifier or {})}
+    fresh = not (info.get("data") == str(emoji_json) and bool(info.get("words")) == clf["words"]
+                 and all(info.get(k) == v for k, v in clf.items() if k != "words"))
+    if fresh:
+        print(f"[2/7] training the region classifier (detector stand-in) -> {clf_dir}")
+        info = train_classifier(emoji_json, clf_dir, overwrite=True, **clf).info
+    lap("classifier", t)
+    print(f"[2/7] region classifier: val category accuracy {100 * info['val_accuracy']:.1f}% "
+          f"(chance {100 * info['val_chance']:.1f}%), {len(info['words'])} name words ({seconds['classifier']} s)")
+
+    t = time.perf_counter()
+    stores = {"emoji": run / "regions" / "emoji", "scenes": run / "regions" / "scenes"}
+    for name, store in stores.items():
+        if not fresh and (store / "index.json").exists():
+            continue
+        print(f"[3/7] extracting {name} regions -> {store}")
+        stats = extract_to_store(clf_dir, emoji_json if name == "emoji" else scenes_dir / "dataset.json", store,
+                                 split="train" if name == "emoji" else None, whole_image=name == "emoji",
+                                 overwrite=True)
+        seconds[f"regions_per_s_{name}"] = round(stats["regions_per_s"], 1)
+    lap("regions", t)
+    print(f"[3/7] region stores: {', '.join(f'{n} {len(RegionStore(s))} images' for n, s in stores.items())} "
+          f"({seconds['regions']} s)")
+
+    t = time.perf_counter()
+    sets = [f'train.out="{run / "imagebert"}"']
+    for name, manifest, store in (("emoji", emoji_json, stores["emoji"]),
+                                  ("scenes", scenes_dir / "dataset.json", stores["scenes"])):
+        sets += [f'stages.{name}.data.train="{manifest}"', f'stages.{name}.data.regions="{store}"']
+    cfg = config_lib.load(IMAGEBERT, sets + list(overrides))
+    same = _same_config(run / "imagebert", cfg, "stages.toml") and not fresh
+    print(f"[4/7] pretraining ImageBERT in {len(cfg.stages)} stages -> {run / 'imagebert'}"
+          + (" (resuming / reusing)" if same else ""))
+    train_stages(cfg, resume=same, overwrite=True)
+    lap("pretrain", t)
+
+    t = time.perf_counter()
+    ft = config_lib.load(RETRIEVAL, [f'train.out="{run / "retrieval"}"', f'data.train="{scenes_dir / "dataset.json"}"',
+                                     f'data.regions="{stores["scenes"]}"', *finetune_overrides])
+    same = same and _same_config(run / "retrieval", ft)
+    print(f"[5/7] retrieval fine-tuning ({', '.join(ft.objectives)}) -> {run / 'retrieval'}")
+    from vlp.train.loop import train
+    train(ft, resume=same, init=str(run / "imagebert"), overwrite=True)
+    lap("finetune", t)
+
+    t = time.perf_counter()
+    dual_run = run / "dual"
+    dual = config_lib.load(PRESET, [f'train.out="{dual_run}"', f'data.train="{scenes_dir / "dataset.json"}"',
+                                    "train.steps=300", "train.warmup_steps=30", "train.lr=1e-3", *dual_overrides])
+    print(f"[6/7] first-stage dual encoder (ERNIE-ViL 2.0) on the scenes -> {dual_run}")
+    train(dual, resume=_same_config(dual_run, dual), overwrite=True)
+    lap("dual", t)
+
+    t = time.perf_counter()
+    print(f"[7/7] retrieval on the scenes test split: dual encoder alone, ImageBERT reranking its top {rerank_k}, "
+          f"and exhaustive ImageBERT scoring of the first {exhaustive_limit} scenes")
+    model, tok, mcfg = load_checkpoint(run / "retrieval")
+    first, first_tok, first_cfg = load_checkpoint(dual_run)
+    records, _ = read_records(scenes_dir / "dataset.json", split="test")
+    scene_store = RegionStore(stores["scenes"])
+    rerank = evaluate_cross_encoder(model, tok, records, scene_store, mcfg.model.text_max_len, k=rerank_k,
+                                    first_stage=(first, first_tok, first_cfg.model.image_size))
+    dual_res = rerank.pop("first_stage")
+    exhaustive = evaluate_cross_encoder(model, tok, records, scene_store, mcfg.model.text_max_len,
+                                        limit=exhaustive_limit)
+    lap("evaluate", t)
+    res = {"split": "test", "data": str(scenes_dir / "dataset.json"), "dual": dual_res, "rerank": rerank,
+           "exhaustive": {**exhaustive, "limit": exhaustive_limit}, "seconds": seconds,
+           "total_seconds": round(time.perf_counter() - t0, 1)}
+    (run / "eval_test.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
+    for name in ("dual", "rerank", "exhaustive"):
+        print(f"\n{name}" + (f" (first {exhaustive_limit} scenes)" if name == "exhaustive" else ""))
+        print(format_table(res[name]))
+    print(f"\nwrote {run / 'eval_test.json'}; done in {res['total_seconds']:.0f} s")
+    return res

@@ -37,10 +37,14 @@ def _layout(name: str) -> tuple[str, tuple[str, ...], str]:
     raise ValueError(f"TorchvisionTrunk: unsupported model {name!r}; supported families: {', '.join(_FAMILIES)}")
 
 
-def _small_stem(body: nn.Sequential) -> None:
-    """Replace the 7x7 stride-2 conv + 3x3 stride-2 maxpool by one 3x3 stride-1 conv (CIFAR-style):
-    a 64 px image then reaches layer4 at 8x8 instead of 2x2."""
-    conv = nn.Conv2d(3, body.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+STEMS = {"default": None, "small": 1, "half": 2}    # stem -> stride of the 3x3 conv that replaces conv1 + maxpool
+
+
+def _small_stem(body: nn.Sequential, stride: int = 1) -> None:
+    """Replace the 7x7 stride-2 conv + 3x3 stride-2 maxpool by one 3x3 conv of stride 1 (CIFAR-style,
+    "small": a 64 px image reaches layer4 at 8x8 instead of 2x2) or 2 ("half": 4x4, a quarter of the
+    small stem's compute)."""
+    conv = nn.Conv2d(3, body.conv1.out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     body.conv1, body.maxpool = conv, nn.Identity()
 
@@ -75,12 +79,12 @@ class TorchvisionTrunk(nn.Module):
         self.body = nn.Sequential(OrderedDict((child, getattr(model, child)) for child in trunk))
         self.width = next(m for m in getattr(model, head).modules() if isinstance(m, nn.Linear)).in_features
         self._head_keys = {k for k in model.state_dict() if k.split(".")[0] not in trunk}
-        if stem == "small":
+        if stem not in STEMS:
+            raise ValueError(f"TorchvisionTrunk: stem must be one of {', '.join(STEMS)}, got {stem!r}")
+        if STEMS[stem]:
             if not family.startswith("ResNet"):
-                raise ValueError(f"TorchvisionTrunk: stem='small' is for the ResNet family only, not {name!r}")
-            _small_stem(self.body)
-        elif stem != "default":
-            raise ValueError(f"TorchvisionTrunk: stem must be 'default' or 'small', got {stem!r}")
+                raise ValueError(f"TorchvisionTrunk: stem={stem!r} is for the ResNet family only, not {name!r}")
+            _small_stem(self.body, STEMS[stem])
         if weights:
             self.load_weights(weights)
 

@@ -4,6 +4,8 @@ A single-stream model (ImageBERT) scores one (caption, image) pair per forward p
 pair is the papers' protocol for small test sets only. Rerank mode takes each query's top k
 candidates from a first stage (a dual encoder's embeddings), scores those k pairs with the
 cross-encoder and ranks them by that score; the other candidates stay below, in first-stage order.
+With `fuse` = w > 0 the top k are ranked by sigmoid(ITM logit) + w * first-stage cosine instead, as
+BLIP ranks its ITM candidates together with their ITC similarity; w = 0 is the paper's ITM alone.
 Both work query chunk by query chunk, so memory holds one (chunk, candidates) block at a time, and
 return the recall keys of `vlp.metrics` (ties count against the model, as there).
 
@@ -40,12 +42,16 @@ def pair_scorer(model, text_ids: Tensor, text_mask: Tensor, feats: Tensor, boxes
     return score
 
 
-def _rerank_block(first: Tensor, k: int, score_rows: Callable[[Tensor], Tensor], gt: Tensor) -> Tensor:
+def _rerank_block(first: Tensor, k: int, score_rows: Callable[[Tensor], Tensor], gt: Tensor, fuse: float = 0.0
+                  ) -> Tensor:
     """One query block. first (c, N) first-stage scores; score_rows(top (c, k)) -> (c, k) cross-encoder
     scores; gt (c, N) bool ground truth -> (c,) rank of the best ground truth after reranking the top k:
-    1 + the number of wrong candidates scoring at least as high (as `vlp.metrics` counts)."""
+    1 + the number of wrong candidates scoring at least as high (as `vlp.metrics` counts).
+    fuse > 0: rank the top k by sigmoid(cross score) + fuse * first-stage score."""
     top = first.topk(k, dim=1).indices                                                   # (c, k)
     s = score_rows(top)                                                                  # (c, k)
+    if fuse:
+        s = s.sigmoid() + fuse * first.gather(1, top)
     top_gt = gt.gather(1, top)                                                           # (c, k)
     best = s.masked_fill(~top_gt, float("-inf")).max(1, keepdim=True).values             # (c, 1)
     inside = 1 + ((s >= best) & ~top_gt).sum(1)                                          # (c,)
@@ -57,7 +63,8 @@ def _rerank_block(first: Tensor, k: int, score_rows: Callable[[Tensor], Tensor],
 
 def cross_encoder_recall(score: PairScorer, text_to_image: Tensor | Sequence[int], k: int | None = None,
                          text_emb: Tensor | None = None, image_emb: Tensor | None = None, n_images: int | None = None,
-                         ks: Sequence[int] = (1, 5, 10), chunk: int = 64, progress: bool = True) -> dict:
+                         ks: Sequence[int] = (1, 5, 10), chunk: int = 64, progress: bool = True,
+                         fuse: float = 0.0) -> dict:
     """Recall both ways with cross-encoder scores. With `text_emb`/`image_emb` (first stage) and `k`:
     rerank each query's top k; without them: exhaustive (every pair scored; needs `n_images`)."""
     t0 = time.perf_counter()
@@ -78,7 +85,7 @@ def cross_encoder_recall(score: PairScorer, text_to_image: Tensor | Sequence[int
             q = torch.arange(a, min(a + chunk, n_queries))
             first = first_rows(q)
             rows = lambda top: pair(q[:, None].expand_as(top).reshape(-1), top.reshape(-1)).view(top.shape)
-            out.append(_rerank_block(first, kk, rows, gt_rows(q)))
+            out.append(_rerank_block(first, kk, rows, gt_rows(q), fuse))
             pairs += len(q) * kk
         return torch.cat(out)
 
@@ -97,7 +104,7 @@ def cross_encoder_recall(score: PairScorer, text_to_image: Tensor | Sequence[int
                       lambda q: q[:, None] == t2i[None], lambda i, t: score(t, i))
     i2t_ranks = torch.where(has_caption, i2t_ranks, -1)                  # images without captions are no queries
     res = _summary(i2t_ranks, t2i_ranks, ks, n_img, n_txt)
-    res.update(mode="rerank", k_t2i=k_t2i, k_i2t=k_i2t, pairs_scored=pairs,
+    res.update(mode="rerank", k_t2i=k_t2i, k_i2t=k_i2t, fuse=fuse, pairs_scored=pairs,
                seconds=round(time.perf_counter() - t0, 2))
     return res
 
@@ -121,9 +128,10 @@ def _region_tensors(store, ids: list[str]) -> tuple[Tensor, Tensor, Tensor]:
 
 def evaluate_cross_encoder(model, tokenizer, records: list, store, max_len: int, k: int | None = None,
                            first_stage: tuple | None = None, limit: int | None = None, batch_size: int = 256,
-                           progress: bool = True) -> dict:
+                           progress: bool = True, fuse: float | Sequence[float] = 0.0) -> dict:
     """Recall of a single-stream model over a manifest's records and their region store: exhaustive, or
-    rerank mode with `first_stage` = (dual encoder, its tokenizer, its image size) and `k`.
+    rerank mode with `first_stage` = (dual encoder, its tokenizer, its image size) and `k`; several
+    `fuse` weights give one result each (`fused_<w>` sections; the ITM scores are computed once per weight).
     limit: evaluate the first `limit` images only (exhaustive scoring grows as images x captions)."""
     from vlp.data.formats import SkipReport
     from vlp.data.pairs import decode_images
@@ -145,6 +153,10 @@ def evaluate_cross_encoder(model, tokenizer, records: list, store, max_len: int,
         _, images = decode_images(kept, image_size, SkipReport(), progress=False)
         te = embed_texts(dual, dual_tok, [c for c, _ in caps], max_len)
         ie = embed_images(dual, images)
-        res = cross_encoder_recall(score, t2i, k=k, text_emb=te, image_emb=ie, progress=progress)
-        res["first_stage"] = {key: v for key, v in recall_at_k(te @ ie.t(), t2i).items() if "_r" in key}
+        weights = [fuse] if isinstance(fuse, (int, float)) else list(fuse)
+        res = cross_encoder_recall(score, t2i, k=k, text_emb=te, image_emb=ie, progress=progress, fuse=weights[0])
+        for w in weights[1:]:
+            res[f"fused_{w:g}"] = cross_encoder_recall(score, t2i, k=k, text_emb=te, image_emb=ie, progress=progress,
+                                                       fuse=w)
+        res["first_stage"] = recall_at_k(te @ ie.t(), t2i)          # the dual encoder alone, same queries
     return res

@@ -144,6 +144,17 @@ def accuracy(model: RegionClassifier, images: Tensor, labels: Tensor, batch_size
     return hits / len(images)
 
 
+@torch.no_grad()
+def word_top1(model: RegionClassifier, images: Tensor, targets: Tensor, bf16: bool = False) -> float:
+    """Of the images whose name holds a vocabulary word, the share whose most likely word is in the name."""
+    model.eval()
+    keep = targets.any(1)
+    with bf16_autocast(bf16):
+        top = torch.cat([model.word_head(model.features(normalize(images[keep][i:i + 64]))).argmax(-1)
+                         for i in range(0, int(keep.sum()), 64)])
+    return float(targets[keep].gather(1, top[:, None]).mean())
+
+
 def _split(records: list[Record], split: str, image_size: int, class_names: list[str], progress: bool
            ) -> tuple[list[Record], Tensor, Tensor]:
     """One split's records, decoded images (N, 3, S, S) uint8 and category labels (N,)."""
@@ -171,7 +182,7 @@ def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 1
     records, _ = read_records(emoji_json)
     class_names = sorted({category(r) for r in records})
     train, images, labels = _split(records, "train", image_size, class_names, progress)
-    _, val_images, val_labels = _split(records, "val", image_size, class_names, progress)
+    val, val_images, val_labels = _split(records, "val", image_size, class_names, progress)
     identities = sorted({r.meta["hex"] for r in train}) if identity else []
     position = {h: i for i, h in enumerate(identities)}
     ident = torch.tensor([position[r.meta["hex"]] for r in train]) if identity else None
@@ -206,6 +217,8 @@ def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 1
             "val_chance": float(torch.bincount(val_labels).max()) / len(val_labels), "val_images": len(val_labels),
             "train_images": len(images), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
             "bf16": bf16, "train_seconds": round(seconds, 1), "data": str(emoji_json)}
+    if vocab:
+        info["val_word_top1"] = word_top1(model, val_images, _word_targets(val, vocab), bf16)
     save_classifier(model, info, out_dir)
     return model
 

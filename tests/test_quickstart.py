@@ -1,0 +1,32 @@
+"""`vlp quickstart --system imagebert` at tiny size: every step runs, the evaluation JSON holds the dual,
+rerank and exhaustive sections with the design keys, and a second call reuses all finished work."""
+import json
+
+from vlp.quickstart import quickstart_imagebert
+
+KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys):
+    tiny = dict(out=str(tmp_path / "qs"), data=str(emoji_tiny.parent), scenes=str(tmp_path / "scenes"), n_scenes=40,
+                rerank_k=4, exhaustive_limit=5, classifier={"steps": 2, "batch_size": 8, "image_size": 32},
+                overrides=["stages.emoji.train.steps=2", "stages.scenes.train.steps=2", "train.batch_size=8",
+                           "train.precision=fp32"],
+                finetune_overrides=["train.steps=2", "train.batch_size=4", "train.precision=fp32"],
+                dual_overrides=["train.steps=2", "train.batch_size=8", "model.image_size=32", "data.eval_split=\"\""])
+    res = quickstart_imagebert(**tiny)
+    saved = json.loads((tmp_path / "qs" / "eval_test.json").read_text())
+    assert saved == res
+    for section in ("dual", "rerank", "exhaustive"):
+        assert all(0 <= res[section][k] <= (300 if k == "rsum" else 100) for k in KEYS), section
+    assert res["rerank"]["mode"] == "rerank" and res["rerank"]["k_t2i"] == 4
+    assert res["exhaustive"]["mode"] == "exhaustive" and res["exhaustive"]["limit"] == 5
+    assert res["rerank"]["n_texts"] == res["dual"]["n_texts"] > 0
+    for run in ("imagebert", "imagebert/stages/emoji", "retrieval", "dual"):
+        assert (tmp_path / "qs" / run / "checkpoints" / "latest").is_file(), run
+    capsys.readouterr()
+
+    again = quickstart_imagebert(**tiny)                       # everything finished: reused, same numbers
+    out = capsys.readouterr().out
+    assert "training the region classifier" not in out and "extracting" not in out and "skipped" in out
+    assert {k: again["rerank"][k] for k in KEYS} == {k: res["rerank"][k] for k in KEYS}
