@@ -124,3 +124,9 @@ def test_interrupted_stage_resumes_and_finished_stages_are_skipped(emoji_tiny, r
     assert Path(first_stage).stat().st_mtime_ns == before                  # the finished stage was not re-run
     rows = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows(cut) == rows(full) and len(rows(full)) == 6
+
+
+def test_a_stage_with_zero_steps_is_left_out(emoji_tiny, regions_tiny, tmp_path):
+    cfg = staged_cfg(tmp_path, emoji_tiny, regions_tiny, "stages.english.train.steps=0", "stages.both.train.steps=2")
+    run = train_stages(cfg, progress=False)
+    assert not (run / "stages" / "english").exists() and ckpt.resolve(run).name == "step_2"

@@ -7,7 +7,8 @@ weights the previous stage ended with. Every stage is an ordinary run of `vlp.tr
     run_dir/stages.toml      the whole multi-stage config
 
 A finished stage (its last checkpoint is at its last step) is skipped on `--resume`; an interrupted
-one resumes exactly. The first stage builds the vocabulary from the captions of every stage, so a
+one resumes exactly. A stage other than the last with `steps = 0` is left out (e.g. to compare one stage
+with two: `--set stages.emoji.train.steps=0`). The first stage builds the vocabulary from the captions of every stage, so a
 later stage's new characters are not [UNK].
 
     run_dir = train_stages(cfg)                  # a config without stages trains once, as `train`
@@ -51,17 +52,21 @@ def train_stages(cfg: config_lib.Config, resume: bool = False, init: str | None 
     if dist.is_main():
         (run_dir / "stages.toml").write_text(config_lib.dump(cfg))
     texts = []                                   # later stages' captions, for the first stage's vocabulary
-    for _, c, _ in stages[1:]:
+    active = [c for _, c, _ in stages if c.train.steps > 0] or [stages[-1][1]]
+    for c in active[1:]:
         texts += [t for r in prepare_data(c, c.data.train_split, SkipReport(),
                                           progress=False) for t in r.captions]
     previous = init
     for i, (name, c, out) in enumerate(stages):
+        if c.train.steps == 0 and i < len(stages) - 1:
+            print(f"stage {i + 1}/{len(stages)} {name!r}: 0 steps, left out")
+            continue
         if resume and _finished(out, c.train.steps):
             print(f"stage {i + 1}/{len(stages)} {name!r}: finished in {out}, skipped")
         else:
             print(f"stage {i + 1}/{len(stages)} {name!r}: {c.train.steps} steps on {c.data.train} -> {out}"
                   + (f" (from {previous})" if previous else ""))
             train(c, resume=resume, init=previous, progress=progress, overwrite=overwrite,
-                  vocab_texts=texts if i == 0 else ())
+                  vocab_texts=texts if c is active[0] else ())
         previous = str(out)
     return run_dir
