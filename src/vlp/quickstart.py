@@ -62,21 +62,25 @@ def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides
 
 IMAGEBERT = Path(__file__).parent / "configs" / "emoji-imagebert.toml"
 RETRIEVAL = Path(__file__).parent / "configs" / "emoji-imagebert-retrieval.toml"
-CLASSIFIER = {"steps": 400, "batch_size": 64, "words": True}       # `vlp regions train` settings (docs/results.md)
+CLASSIFIER = {"steps": 400, "batch_size": 64, "words": True, "stem": "half"}     # `vlp regions train` settings (docs/results.md)
+FUSE = (0.0, 1.0)                # rerank by ITM alone (the paper), and by sigmoid(ITM) + cosine (BLIP-style)
 
 
 def _same_config(run: Path, cfg, name: str = "config.toml") -> bool:
     return (run / name).is_file() and (run / name).read_text() == config_lib.dump(cfg)
 
 
-def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "data/emoji", n_scenes: int = 2000,
-                         rerank_k: int = 16, exhaustive_limit: int = 100, overrides: list[str] | tuple = (),
+def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "data/emoji", n_scenes: int = 10000,
+                         rerank_k: int = 16, eval_limit: int = 400, exhaustive_limit: int = 100,
+                         dual_init: str = "runs/quickstart", overrides: list[str] | tuple = (),
                          classifier: dict | None = None, finetune_overrides: list[str] | tuple = (),
                          dual_overrides: list[str] | tuple = (), scenes: str | None = None) -> dict:
     """ImageBERT end to end on the emoji scenes; every step reuses finished work and resumes interrupted work:
     scenes -> region classifier -> region stores -> two-stage pretraining (single emoji, then scenes) ->
     retrieval fine-tuning -> first-stage dual encoder on the scenes -> dual-only vs reranked retrieval on
-    the scenes test split -> `out/eval_test.json` with `dual`, `rerank` and `exhaustive` sections.
+    the first `eval_limit` scenes of the test split -> `out/eval_test.json` with `dual`, `rerank` and
+    `exhaustive` (every pair of the first `exhaustive_limit` scenes) sections. The dual encoder fine-tunes
+    the ERNIE-ViL 2.0 quickstart's model when `dual_init` holds one, else it trains from scratch.
     overrides (`--set`) apply to the pretraining config; classifier (`vlp regions train` settings),
     finetune_overrides and dual_overrides shrink the other steps (tests)."""
     from vlp.data.emoji import build_emoji
@@ -87,7 +91,8 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
     from vlp.eval.retrieval import format_table
     from vlp.regions import extract_to_store, train_classifier
     from vlp.regions.classifier import CONFIG as CLASSIFIER_JSON
-    from vlp.train.checkpoint import load_checkpoint
+    from vlp.train.checkpoint import load_checkpoint, resolve
+    from vlp.train.loop import train
     from vlp.train.stages import train_stages
 
     t0, run, seconds = time.perf_counter(), Path(out), {}
@@ -125,9 +130,10 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
         if not fresh and (store / "index.json").exists():
             continue
         print(f"[3/7] extracting {name} regions -> {store}")
-        stats = extract_to_store(clf_dir, emoji_json if name == "emoji" else scenes_dir / "dataset.json", store,
-                                 split="train" if name == "emoji" else None, whole_image=name == "emoji",
-                                 overwrite=True)
+        manifest = emoji_json if name == "emoji" else scenes_dir / "dataset.json"
+        keep = ("train",) if name == "emoji" else ("train", "test")
+        records = [r for r in read_records(manifest)[0] if r.split in keep]
+        stats = extract_to_store(clf_dir, records, store, whole_image=name == "emoji", overwrite=True)
         seconds[f"regions_per_s_{name}"] = round(stats["regions_per_s"], 1)
     lap("regions", t)
     print(f"[3/7] region stores: {', '.join(f'{n} {len(RegionStore(s))} images' for n, s in stores.items())} "
@@ -150,37 +156,45 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
                                      f'data.regions="{stores["scenes"]}"', *finetune_overrides])
     same = same and _same_config(run / "retrieval", ft)
     print(f"[5/7] retrieval fine-tuning ({', '.join(ft.objectives)}) -> {run / 'retrieval'}")
-    from vlp.train.loop import train
     train(ft, resume=same, init=str(run / "imagebert"), overwrite=True)
     lap("finetune", t)
 
     t = time.perf_counter()
     dual_run = run / "dual"
+    try:
+        init = str(resolve(dual_init)) if dual_init else None
+    except FileNotFoundError:
+        init = None
     dual = config_lib.load(PRESET, [f'train.out="{dual_run}"', f'data.train="{scenes_dir / "dataset.json"}"',
                                     "train.steps=300", "train.warmup_steps=30", "train.lr=1e-3", *dual_overrides])
-    print(f"[6/7] first-stage dual encoder (ERNIE-ViL 2.0) on the scenes -> {dual_run}")
-    train(dual, resume=_same_config(dual_run, dual), overwrite=True)
+    print(f"[6/7] first-stage dual encoder (ERNIE-ViL 2.0) on the scenes -> {dual_run}, "
+          + (f"fine-tuning {init}" if init else f"from scratch (no ERNIE-ViL 2.0 quickstart model in {dual_init})"))
+    train(dual, resume=_same_config(dual_run, dual), init=init, overwrite=True)
     lap("dual", t)
 
     t = time.perf_counter()
-    print(f"[7/7] retrieval on the scenes test split: dual encoder alone, ImageBERT reranking its top {rerank_k}, "
-          f"and exhaustive ImageBERT scoring of the first {exhaustive_limit} scenes")
+    print(f"[7/7] retrieval on the first {eval_limit} test scenes: the dual encoder alone, ImageBERT reranking its "
+          f"top {rerank_k}, and ImageBERT scoring every pair of the first {exhaustive_limit}")
     model, tok, mcfg = load_checkpoint(run / "retrieval")
     first, first_tok, first_cfg = load_checkpoint(dual_run)
     records, _ = read_records(scenes_dir / "dataset.json", split="test")
     scene_store = RegionStore(stores["scenes"])
     rerank = evaluate_cross_encoder(model, tok, records, scene_store, mcfg.model.text_max_len, k=rerank_k,
-                                    first_stage=(first, first_tok, first_cfg.model.image_size))
+                                    first_stage=(first, first_tok, first_cfg.model.image_size), limit=eval_limit,
+                                    fuse=FUSE)
     dual_res = rerank.pop("first_stage")
     exhaustive = evaluate_cross_encoder(model, tok, records, scene_store, mcfg.model.text_max_len,
                                         limit=exhaustive_limit)
     lap("evaluate", t)
-    res = {"split": "test", "data": str(scenes_dir / "dataset.json"), "dual": dual_res, "rerank": rerank,
-           "exhaustive": {**exhaustive, "limit": exhaustive_limit}, "seconds": seconds,
-           "total_seconds": round(time.perf_counter() - t0, 1)}
+    res = {"split": "test", "data": str(scenes_dir / "dataset.json"), "limit": eval_limit, "dual_init": init,
+           "dual": dual_res, "rerank": rerank, "exhaustive": {**exhaustive, "limit": exhaustive_limit},
+           "seconds": seconds, "total_seconds": round(time.perf_counter() - t0, 1)}
     (run / "eval_test.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
-    for name in ("dual", "rerank", "exhaustive"):
-        print(f"\n{name}" + (f" (first {exhaustive_limit} scenes)" if name == "exhaustive" else ""))
-        print(format_table(res[name]))
+    sections = [("dual", res["dual"]), ("rerank", res["rerank"])] + [
+        (f"rerank, fused {w:g}", res["rerank"][f"fused_{w:g}"]) for w in FUSE[1:]] + [
+        (f"exhaustive (first {exhaustive_limit} scenes)", res["exhaustive"])]
+    for name, section in sections:
+        print(f"\n{name}")
+        print(format_table({k: v for k, v in section.items() if not isinstance(v, dict)}))
     print(f"\nwrote {run / 'eval_test.json'}; done in {res['total_seconds']:.0f} s")
     return res
