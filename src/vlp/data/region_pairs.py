@@ -32,7 +32,7 @@ class RegionPairDataset(Dataset):
             else:
                 self.records.append(r)
         ids: dict = {}
-        self.groups = [ids.setdefault(r.meta.get(group_key, n) if group_key else n, len(ids))
+        self.group_ids = [ids.setdefault(r.meta.get(group_key, n) if group_key else n, len(ids))
                        for n, r in enumerate(self.records)]
 
     def __len__(self) -> int:
@@ -48,4 +48,4 @@ class RegionPairDataset(Dataset):
         labels = probs.argmax(-1) if probs.shape[1] else torch.zeros(len(probs), dtype=torch.long)
         caption = r.captions[int(torch.randint(len(r.captions), (1,), generator=gen))]
         return {"text": caption, "feats": regions["features"], "boxes": boxes, "labels": labels,
-                "probs": probs if probs.shape[1] else None, "group": self.groups[index], "epoch": epoch}
+                "probs": probs if probs.shape[1] else None, "group": self.group_ids[index], "epoch": epoch}

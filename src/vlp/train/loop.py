@@ -106,7 +106,8 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
         dataset = PairDataset(records, cfg.model.image_size, group_key=group_key, augment=cfg.data.augment,
                               crop_scale=cfg.data.crop_scale, seed=t.seed, report=report, progress=progress)
         collate = Collator(tokenizer, cfg.model.text_max_len, views_for(cfg.objectives))
-    log.info(f"train: {len(dataset.records)} images in {len(dataset)} groups; tokenizer: {tokenizer.vocab_size} "
+    groups = len(set(dataset.group_ids)) if hasattr(dataset, "group_ids") else len(dataset)
+    log.info(f"train: {len(dataset.records)} images in {groups} groups; tokenizer: {tokenizer.vocab_size} "
              f"tokens; skipped: {report.summary() or 'nothing'}")
     by_lang: dict[str, list[str]] = {}
     for r in dataset.records:
@@ -151,12 +152,14 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
     # --- the loop -----------------------------------------------------------------------------------
     bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=t.name,
                disable=not (progress and dist.is_main()))
-    tick, seen = time.perf_counter(), 0
+    tick, seen, data_s = time.perf_counter(), 0, 0.0      # data_s: time spent waiting for batches
     for step in bar:
         model.train()
         totals: dict[str, float] = {}
         for _ in range(t.grad_accum):
+            t_data = time.perf_counter()
             batch = next(loader).to(device)
+            data_s += time.perf_counter() - t_data
             with autocast:
                 out = ddp(batch)
                 losses = {name: w * obj(out, batch) for name, (w, obj) in objectives.items()}
@@ -178,10 +181,11 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
             elapsed = time.perf_counter() - tick
             row = {"step": done, "loss": sum(totals.values()), **totals, "lr": sched.get_last_lr()[0],
                    "grad_norm": float(grad_norm), "logit_scale": model.scale().item() if hasattr(model, "scale") else None,
-                   "pairs_per_s": seen / max(elapsed, 1e-9)}
+                   "pairs_per_s": seen / max(elapsed, 1e-9),
+                   "data_fraction": data_s / max(elapsed, 1e-9)}
             log.metrics(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", pairs_s=f"{row['pairs_per_s']:.0f}")
-            tick, seen = time.perf_counter(), 0
+            tick, seen, data_s = time.perf_counter(), 0, 0.0
         if eval_records and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
             log.metrics({"step": done, "split": cfg.data.eval_split, **_evaluate(model, tokenizer, eval_records, cfg)})
         if (t.save_every and done % t.save_every == 0) or done == t.steps:
