@@ -115,3 +115,16 @@ def test_vlp_evaluate_a_single_stream_checkpoint(emoji_tiny, regions_tiny, tmp_p
     assert set(KEYS) <= set(rerank) and set(KEYS[:6]) <= set(rerank["first_stage"])
     with pytest.raises(SystemExit, match="--regions"):
         main(["evaluate", str(cross), "--data", str(emoji_tiny), "--split", "test"])
+
+
+def test_memoized_scorer_scores_each_pair_once():
+    from vlp.eval.rerank import _memoized
+    S, calls = torch.randn(5, 4), []
+
+    def score(t, i):
+        calls.extend(zip(t.tolist(), i.tolist()))
+        return S[t, i]
+    cached = _memoized(score)
+    t, i = torch.tensor([0, 1, 4, 0]), torch.tensor([3, 2, 0, 3])
+    assert torch.equal(cached(t, i), S[t, i]) and torch.equal(cached(t.flip(0), i.flip(0)), S[t, i].flip(0))
+    assert sorted(calls) == sorted({(0, 3), (1, 2), (4, 0)})

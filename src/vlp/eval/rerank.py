@@ -109,6 +109,21 @@ def cross_encoder_recall(score: PairScorer, text_to_image: Tensor | Sequence[int
     return res
 
 
+def _memoized(score: PairScorer) -> PairScorer:
+    """A PairScorer that scores each (text, image) pair once and answers repeats from memory."""
+    seen: dict[tuple[int, int], float] = {}
+
+    def cached(t: Tensor, i: Tensor) -> Tensor:
+        keys = list(zip(t.tolist(), i.tolist()))
+        new = [n for n, key in enumerate(keys) if key not in seen]
+        if new:
+            idx = torch.tensor(new)
+            for n, v in zip(new, score(t[idx], i[idx]).tolist()):
+                seen[keys[n]] = v
+        return torch.tensor([seen[key] for key in keys])
+    return cached
+
+
 def _region_tensors(store, ids: list[str]) -> tuple[Tensor, Tensor, Tensor]:
     """Store entries -> zero-padded features (I, R, F), 5-d locations (I, R, 5), mask (I, R)."""
     from torchvision.ops import box_convert
@@ -154,6 +169,8 @@ def evaluate_cross_encoder(model, tokenizer, records: list, store, max_len: int,
         te = embed_texts(dual, dual_tok, [c for c, _ in caps], max_len)
         ie = embed_images(dual, images)
         weights = [fuse] if isinstance(fuse, (int, float)) else list(fuse)
+        if len(weights) > 1:            # every weight reranks the same top k: score each pair once
+            score = _memoized(score)
         res = cross_encoder_recall(score, t2i, k=k, text_emb=te, image_emb=ie, progress=progress, fuse=weights[0])
         for w in weights[1:]:
             res[f"fused_{w:g}"] = cross_encoder_recall(score, t2i, k=k, text_emb=te, image_emb=ie, progress=progress,
