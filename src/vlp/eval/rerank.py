@@ -115,11 +115,11 @@ def _memoized(score: PairScorer) -> PairScorer:
 
     def cached(t: Tensor, i: Tensor) -> Tensor:
         keys = list(zip(t.tolist(), i.tolist()))
-        new = [n for n, key in enumerate(keys) if key not in seen]
-        if new:
-            idx = torch.tensor(new)
-            for n, v in zip(new, score(t[idx], i[idx]).tolist()):
-                seen[keys[n]] = v
+        first = {key: n for n, key in reversed(list(enumerate(keys))) if key not in seen}   # new pair -> a row
+        if first:
+            idx = torch.tensor(list(first.values()))
+            for key, v in zip(first, score(t[idx], i[idx]).tolist()):
+                seen[key] = v
         return torch.tensor([seen[key] for key in keys])
     return cached
 
