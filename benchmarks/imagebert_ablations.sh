@@ -1,6 +1,6 @@
 #!/bin/bash
-# ImageBERT ablations (paper Table 5 style), each: pretrain -> retrieval fine-tune -> rerank + exhaustive eval
-cd /work/main
+# ImageBERT ablations (paper Table 5 style), each: pretrain -> retrieval fine-tune -> rerank eval on 400 test scenes
+cd "$(dirname "$0")/.."   # needs runs/quickstart-imagebert (vlp quickstart --system imagebert)
 Q=runs/quickstart-imagebert
 V=.venv/bin/vlp
 S="--set stages.emoji.data.regions=$Q/regions/emoji --set stages.scenes.data.regions=$Q/regions/scenes"
