@@ -33,7 +33,7 @@ import transformers
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from train_throughput import FLOP_FORMULAS, environment, matmul_peak, proc_status_mb, save
+from train_throughput import FLOP_FORMULAS, environment, matmul_peak, peak_over_two_steps, save
 from vlp.data.collate import Batch
 from vlp.data.masking import IGNORE, mask_tokens
 from vlp.encoders.text import TextEncoder
@@ -120,13 +120,8 @@ def child_memory(name: str, precision: str, args: argparse.Namespace) -> dict:
     """In a fresh process: peak RSS growth over two training steps."""
     torch.manual_seed(0)
     model, batch = build(name).train(), make_batch(args.batch)
-    step = make_step(name, model, batch, precision)
-    base = proc_status_mb("VmRSS")
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")                   # reset VmHWM to VmRSS
-    step()
-    step()
-    return {"peak_mb": round(proc_status_mb("VmHWM") - base, 1)}
+    base, peak = peak_over_two_steps(make_step(name, model, batch, precision))
+    return {"peak_mb": round(peak - base, 1)}
 
 
 def measure(precision: str, models: dict[str, nn.Module], batch: Batch, args: argparse.Namespace) -> dict:

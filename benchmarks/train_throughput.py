@@ -174,19 +174,23 @@ def proc_status_mb(key: str) -> float:
     raise KeyError(key)
 
 
+def peak_over_two_steps(step: Callable[[], object]) -> tuple[float, float]:
+    """(resident MB before, peak resident MB during) two calls of `step`, in this process."""
+    base = proc_status_mb("VmRSS")
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")                       # reset VmHWM to VmRSS
+    step()
+    step()
+    return base, proc_status_mb("VmHWM")
+
+
 def child_memory(name: str, precision: str, args: argparse.Namespace) -> dict:
     """In a fresh process: peak RSS over two training steps (the first allocates AdamW state) above
     the RSS once model, optimizer and batch exist."""
     torch.manual_seed(0)
     model = build(name, args.vocab).train()
     batch = make_batch(args.batch, args.vocab)
-    step = make_step(name, model, batch, precision)
-    base = proc_status_mb("VmRSS")
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")                       # reset VmHWM to VmRSS
-    step()
-    step()
-    peak = proc_status_mb("VmHWM")
+    base, peak = peak_over_two_steps(make_step(name, model, batch, precision))
     return {"peak_mb": round(peak - base, 1), "rss_mb": round(peak, 1)}
 
 
