@@ -371,7 +371,7 @@ def test_upload_k_out_of_range(client, built):
 
 
 def test_rerank_fails_clearly_until_a_cross_encoder_exists(built):
-    with pytest.raises(ValueError, match="no cross-encoder architecture is available yet"):
+    with pytest.raises(ValueError, match="the search service does not rerank yet"):
         create_app(built[0], rerank="runs/some-cross-encoder")
 
 
@@ -385,7 +385,7 @@ def test_vlp_serve_answers_on_loopback_and_refuses_rerank(built):
     out, _ = built
     refused = _vlp("serve", str(out), "--rerank", "runs/cross")
     _, err = refused.communicate(timeout=60)
-    assert refused.returncode == 1 and "no cross-encoder architecture is available yet" in err
+    assert refused.returncode == 1 and "the search service does not rerank yet" in err
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,8 @@ KINDS = ("flat", "ivf", "hnsw")        # FAISS index kinds: exact inner product,
 
 
 def check_rerank(rerank) -> None:
-    """Refuse --rerank until a cross-encoder exists: a silent ignore would serve unreranked results."""
+    """Refuse --rerank: the service cannot rerank yet, and a silent ignore would serve unreranked results."""
     if rerank is not None:
-        raise ValueError(f"--rerank {rerank}: no cross-encoder architecture is available yet (it comes with "
-                         f"the ImageBERT issue); serve without --rerank")
+        raise ValueError(f"--rerank {rerank}: the search service does not rerank yet (an index holds no region "
+                         f"features for a cross-encoder); serve without --rerank, and measure ImageBERT reranking "
+                         f"with `vlp evaluate RUN --regions STORE --first-stage DUAL`")
