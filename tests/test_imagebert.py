@@ -194,6 +194,50 @@ def test_pair_collator_rows_negatives_and_masks(tok):
         PairCollator(tok, 16)([dict(s, group=0) for s in samples])
 
 
+def test_pair_collator_hard_negatives(tok):
+    """hard=1: every negative row pairs the sample with one of its own hard neighbours, each used once;
+    hard=0: the neighbours are ignored (the batch-only rows of the plain collator)."""
+    from vlp.data.collate import PairCollator
+    samples, extra = _samples(6), _samples(12, torch.Generator().manual_seed(9))
+    for i, s in enumerate(samples):
+        s["hard"] = [dict(h, text=f"hard {i} {k}", group=100 + 3 * i + k) for k, h in enumerate(extra[2 * i:2 * i + 2])]
+    b = PairCollator(tok, 16, negatives=2, mask=False, seed=1, hard=1.0)(samples)
+    texts = [tok.decode(r) for r in b.text_ids]
+    for i, s in enumerate(samples):
+        assert texts[3 * i] == s["text"]
+        assert texts[3 * i + 1] == f"hard {i} 0" and torch.equal(b.region_feats[3 * i + 1, :len(s["feats"])], s["feats"])
+        h = s["hard"][1]                                   # second negative: the caption with the neighbour's regions
+        assert texts[3 * i + 2] == s["text"] and b.group[3 * i + 2] == h["group"]
+        assert torch.equal(b.region_feats[3 * i + 2, :len(h["feats"])], h["feats"])
+    plain = PairCollator(tok, 16, negatives=2, mask=False, seed=1)(samples)
+    ignored = PairCollator(tok, 16, negatives=2, mask=False, seed=1, hard=0.0)(samples)
+    assert torch.equal(plain.text_ids, ignored.text_ids) and torch.equal(plain.region_feats, ignored.region_feats)
+
+
+def test_tfidf_neighbours_against_naive():
+    import math
+    from collections import Counter
+    from vlp.data.region_pairs import tfidf_neighbours
+    docs = ["a red apple to the left of a dog face", "a dog face", "two red apple emoji", "a red apple 一个红苹果",
+            "a blue car above a dog face", "一个红苹果和一个狗脸", "a cat", "a red apple to the left of a dog face"]
+    groups = [0, 1, 2, 3, 4, 5, 6, 0]
+    bags = [Counter(d.lower().replace("一个", "一 个 ").split()) for d in docs]   # reference terms, by hand:
+    bags = [Counter(w for t in b.elements() for w in ([t] if t.isascii() else list(t))) for b in bags]
+    df = Counter(w for b in bags for w in b)
+    vec = [{w: c * (math.log((1 + len(docs)) / (1 + df[w])) + 1) for w, c in b.items()} for b in bags]
+    norm = [math.sqrt(sum(v * v for v in x.values())) for x in vec]
+    cos = [[sum(a.get(w, 0) * v for w, v in b.items()) / (norm[i] * norm[j]) for j, b in enumerate(vec)]
+           for i, a in enumerate(vec)]
+    got = tfidf_neighbours(docs, groups, k=3, max_sim=0.6, chunk=3)
+    for i in range(len(docs)):
+        ok = [j for j in range(len(docs)) if groups[j] != groups[i] and 0 < cos[i][j] < 0.6]
+        want = sorted((cos[i][j] for j in ok), reverse=True)[:3]
+        mine = got[i][got[i] >= 0].tolist()
+        assert set(mine) <= set(ok) and len(set(mine)) == len(mine)        # other groups, below max_sim, distinct
+        assert [cos[i][j] for j in mine] == pytest.approx(want, abs=1e-5)  # the most similar first (ties in any order)
+    assert 7 not in got[0] and 0 not in got[7]                            # same group: never a negative
+
+
 def test_retrieval_finetune_losses_against_naive():
     from vlp.objectives.matching import RetrievalFinetune
     logits = torch.randn(5 * 4)

@@ -9,7 +9,7 @@ KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys):
     tiny = dict(out=str(tmp_path / "qs"), data=str(emoji_tiny.parent), scenes=str(tmp_path / "scenes"), n_scenes=40,
-                rerank_k=4, eval_limit=6, exhaustive_limit=5, dual_init="", classifier={"steps": 2, "batch_size": 8, "image_size": 32},
+                rerank_k=4, eval_limit=6, exhaustive_limit=5, val_limit=4, dual_init="", classifier={"steps": 2, "batch_size": 8, "image_size": 32},
                 overrides=["stages.emoji.train.steps=2", "stages.scenes.train.steps=2", "train.batch_size=8",
                            "train.precision=fp32"],
                 finetune_overrides=["train.steps=2", "train.batch_size=4", "train.precision=fp32"],
@@ -20,7 +20,10 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
     for section in ("dual", "rerank", "exhaustive"):
         assert all(0 <= res[section][k] <= (600 if k == "rsum" else 100) for k in KEYS), section
     assert res["rerank"]["mode"] == "rerank" and res["rerank"]["k_t2i"] == 4 and res["dual"]["n_images"] == 6
-    assert res["rerank"]["fuse"] == 0.0 and all(0 <= res["rerank"]["fused_1"][k] <= 100 for k in KEYS[:6])
+    assert res["rerank"]["fuse"] == 0.0 and all(0 <= res["rerank_fused"][k] <= 100 for k in KEYS[:6])
+    sel = res["fuse_selection"]                       # the weight is the best on the val scenes, not the test ones
+    assert sel["split"] == "val" and res["rerank_fused"]["fuse"] == sel["weight"]
+    assert sel["fused_t2i_r1"][f"{sel['weight']:g}"] == max(sel["fused_t2i_r1"].values())
     assert res["exhaustive"]["mode"] == "exhaustive" and res["exhaustive"]["limit"] == 5
     assert res["rerank"]["n_texts"] == res["dual"]["n_texts"] > 0
     for run in ("imagebert", "imagebert/stages/emoji", "retrieval", "dual"):

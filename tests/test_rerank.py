@@ -93,6 +93,9 @@ def test_pair_scorer_matches_single_pairs():
                                           feats[b:b + 1, :int(rmask[b].sum())], boxes[b:b + 1, :int(rmask[b].sum())],
                                           rmask[b:b + 1, :int(rmask[b].sum())])[0] for a, b in zip(t.tolist(), i.tolist())])
     torch.testing.assert_close(score(t, i), one, atol=1e-5, rtol=1e-5)
+    half = pair_scorer(model, ids, mask, feats, boxes, rmask, batch_size=5, bf16=True)(t, i)   # bf16 autocast:
+    assert half.dtype == torch.float32 and not torch.equal(half, one)                       # a different path,
+    torch.testing.assert_close(half, one, atol=0.05, rtol=0.05)                             # the same scores
 
 
 def test_vlp_evaluate_a_single_stream_checkpoint(emoji_tiny, regions_tiny, tmp_path):

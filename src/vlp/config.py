@@ -32,6 +32,7 @@ class ModelConfig:
     text_max_len: int = 32
     text_freeze_layers: int = 0       # bottom transformer layers kept frozen (0 = train all)
     text_lr_scale: float = 1.0        # lr multiplier for pretrained text weights
+    text_head: str = "linear"         # ernie-vil2 text projection: linear | mlp (Linear-GELU-Linear)
     extend_vocab: bool = True         # add caption characters the checkpoint's vocabulary lacks
     new_token_init: str = "pairs"     # new rows: "pairs" (from the other-language captions of the same image) | "mean"
     train_new_tokens: bool = True     # with frozen embeddings: train the new rows (False: keep their init)
@@ -67,6 +68,9 @@ class DataConfig:
     cluster_size: int = 0             # with cluster_key: at most this many of a cluster per batch (0 = all)
     regions: str = ""                 # region store of the training images (`vlp regions extract`), for imagebert
     negatives: int = 1                # imagebert: sampled negative pairs per matched pair (retrieval_* losses: P - 1)
+    hard_negatives: float = 0.0       # imagebert: share of those negatives drawn from TF-IDF caption neighbours
+    hard_pool: int = 30               # how many nearest neighbours per image form its hard pool (InterBERT: 30)
+    hard_max_sim: float = 0.5         # neighbours this similar or more are left out (likely false negatives)
 
 
 @dataclass

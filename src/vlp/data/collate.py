@@ -77,10 +77,14 @@ class PairCollator:
     random caption per image), so rows come as [match, negatives...] per sample: the layout the
     retrieval fine-tuning losses read. With `mask=True` (pretraining) every row is masked
     (`vlp.data.masking`) and the masked-position targets are kept on the matched rows only.
+    With `hard` > 0, each negative row is, with that probability, drawn from the sample's "hard"
+    neighbours (`RegionPairDataset(hard_pool=...)`, captions alike by TF-IDF) instead of the batch.
     """
 
-    def __init__(self, tokenizer, max_len: int, negatives: int = 1, mask: bool = True, seed: int = 0):
+    def __init__(self, tokenizer, max_len: int, negatives: int = 1, mask: bool = True, seed: int = 0,
+                 hard: float = 0.0):
         self.tok, self.max_len, self.negatives, self.mask, self.seed = tokenizer, max_len, negatives, mask, seed
+        self.hard = hard
 
     @staticmethod
     def _other(i: int, groups: list[int], gen: torch.Generator) -> int:
@@ -95,14 +99,20 @@ class PairCollator:
         # random only by (seed, the batch's samples): a resumed run draws the same negatives and masks
         key = zlib.crc32(repr([(s["group"], s.get("epoch", 0), s["text"]) for s in samples]).encode())
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
+        pool = list(samples)                              # the batch, then the hard neighbours drawn on
         rows = []                                         # (caption sample, regions sample, matched)
         for i in range(len(samples)):
             rows.append((i, i, True))
+            hard = list(samples[i].get("hard") or []) if self.hard > 0 else []
             for k in range(self.negatives):
-                j = self._other(i, groups, gen)
+                if hard and float(torch.rand((), generator=gen)) < self.hard:
+                    pool.append(hard.pop(0))
+                    j = len(pool) - 1
+                else:
+                    j = self._other(i, groups, gen)
                 rows.append((j, i, False) if k % 2 == 0 else (i, j, False))
-        ids, mask = self.tok.encode([samples[t]["text"] for t, _, _ in rows], self.max_len)
-        regs = [samples[r] for _, r, _ in rows]
+        ids, mask = self.tok.encode([pool[t]["text"] for t, _, _ in rows], self.max_len)
+        regs = [pool[r] for _, r, _ in rows]
         K = max(len(s["feats"]) for s in regs)
 
         def pad(key: str, fill=0) -> Tensor:              # (N, K, ...) zero-padded region tensors
@@ -110,7 +120,7 @@ class PairCollator:
                                 for s in regs])
         region_mask = torch.arange(K)[None] < torch.tensor([len(s["feats"]) for s in regs])[:, None]
         matched = torch.tensor([m for _, _, m in rows])
-        b = Batch(images=None, text_ids=ids, text_mask=mask, group=torch.tensor([groups[r] for _, r, _ in rows]),
+        b = Batch(images=None, text_ids=ids, text_mask=mask, group=torch.tensor([pool[r]["group"] for _, r, _ in rows]),
                   region_feats=pad("feats"), region_boxes=pad("boxes"), region_mask=region_mask,
                   region_labels=pad("labels"), itm_label=matched.float())
         if all(s.get("probs") is not None for s in regs):

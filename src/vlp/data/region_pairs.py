@@ -6,8 +6,17 @@ x2/W, y2/H, area), the detector's class distribution (K, C) and its argmax as th
 Records without regions in the store or without captions are skipped and counted. With `group_key`,
 records with equal `meta[group_key]` (e.g. the two drawing styles of one emoji, "hex") form one group,
 so they are never drawn as each other's negatives.
+
+Hard negatives (InterBERT's recipe, Lin et al. 2020): with `hard_pool` > 0 each record gets its
+`hard_pool` nearest records by TF-IDF cosine over its captions (English words, Chinese characters),
+leaving out its own group and any record at `hard_max_sim` or above (likely the same content, a false
+negative). A sample then carries `hard`: as many such neighbours as `negatives`, each with its own
+caption and regions; the collator uses them for a share of its negative rows.
 """
 from __future__ import annotations
+
+import re
+from collections import Counter
 
 import torch
 from torch.utils.data import Dataset
@@ -20,9 +29,9 @@ from vlp.encoders.regions import box_features
 
 class RegionPairDataset(Dataset):
     def __init__(self, records: list[Record], store: RegionStore, seed: int = 0, report: SkipReport | None = None,
-                 group_key: str = ""):
+                 group_key: str = "", hard_pool: int = 0, hard_max_sim: float = 0.5, negatives: int = 1):
         self.report = report if report is not None else SkipReport()
-        self.store, self.seed = store, seed
+        self.store, self.seed, self.negatives = store, seed, negatives
         self.records = []
         for r in records:
             if r.image_id not in store:
@@ -34,6 +43,8 @@ class RegionPairDataset(Dataset):
         ids: dict = {}
         self.group_ids = [ids.setdefault(r.meta.get(group_key, n) if group_key else n, len(ids))
                        for n, r in enumerate(self.records)]
+        self.neighbours = (tfidf_neighbours([" ".join(r.captions) for r in self.records], self.group_ids,
+                                            hard_pool, hard_max_sim) if hard_pool > 0 else None)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -41,6 +52,15 @@ class RegionPairDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, epoch = key
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 100_003 + index)
+        sample = self._sample(index, epoch, gen)
+        if self.neighbours is not None:
+            pool = self.neighbours[index][self.neighbours[index] >= 0]
+            if len(pool):
+                picks = pool[torch.randperm(len(pool), generator=gen)[:self.negatives]].tolist()
+                sample["hard"] = [self._sample(j, epoch, gen) for j in picks]
+        return sample
+
+    def _sample(self, index: int, epoch: int, gen: torch.Generator) -> dict:
         r = self.records[index]
         regions = self.store[r.image_id]
         boxes = box_features(box_convert(regions["boxes"], "xyxy", "xywh"), regions["image_w"], regions["image_h"])
@@ -49,3 +69,32 @@ class RegionPairDataset(Dataset):
         caption = r.captions[int(torch.randint(len(r.captions), (1,), generator=gen))]
         return {"text": caption, "feats": regions["features"], "boxes": boxes, "labels": labels,
                 "probs": probs if probs.shape[1] else None, "group": self.group_ids[index], "epoch": epoch}
+
+
+def tfidf_neighbours(docs: list[str], groups: list[int], k: int, max_sim: float = 0.5,
+                     chunk: int = 1024) -> torch.Tensor:
+    """(N, k) long: each document's k most TF-IDF-similar documents of other groups whose cosine is
+    below `max_sim`, most similar first; -1 where fewer qualify. Terms: lower-cased ASCII words and
+    single non-ASCII characters (a Chinese caption has no spaces to split on)."""
+    bags = [Counter(re.findall(r"[a-z0-9]+|[^\x00-\x7f\s]", d.lower())) for d in docs]
+    vocab = {w: i for i, w in enumerate(sorted({w for b in bags for w in b}))}
+    n = len(docs)
+    rows = torch.tensor([i for i, b in enumerate(bags) for _ in b], dtype=torch.long)
+    cols = torch.tensor([vocab[w] for b in bags for w in b], dtype=torch.long)
+    tf = torch.tensor([float(c) for b in bags for c in b.values()])
+    df = torch.bincount(cols, minlength=len(vocab)).float()
+    idf = torch.log((1 + n) / (1 + df)) + 1                       # smoothed idf
+    vals = tf * idf[cols]
+    norm = torch.zeros(n).index_add_(0, rows, vals ** 2).sqrt().clamp_min(1e-12)
+    x = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals / norm[rows], (n, len(vocab)),
+                                check_invariants=True).coalesce()
+    group = torch.tensor(groups)
+    out = torch.full((n, min(k, n)), -1, dtype=torch.long)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        sim = torch.sparse.mm(x, x.index_select(0, torch.arange(lo, hi)).to_dense().T).T   # (c, N)
+        sim[group[lo:hi, None] == group[None]] = -1.0
+        sim[sim >= max_sim] = -1.0
+        top, idx = sim.topk(out.shape[1], dim=1)
+        out[lo:hi] = torch.where(top > 0, idx, -1)
+    return out

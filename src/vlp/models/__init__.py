@@ -82,7 +82,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, saved_text: dict | None = Non
             from vlp.models.dual_encoder import DualEncoder
             image, pool = build_image_tower(cfg)
             return DualEncoder(build_text_tower(cfg, vocab_size, saved_text), image, cfg.embed_dim, image_pool=pool,
-                               logit_scale_init=cfg.logit_scale_init, logit_scale_max=cfg.logit_scale_max)
+                               logit_scale_init=cfg.logit_scale_init, logit_scale_max=cfg.logit_scale_max,
+                               text_head=cfg.text_head)
         case "imagebert":
             from vlp.models.single_stream import ImageBERT
             if cfg.region_dim <= 0 or cfg.region_classes <= 0:

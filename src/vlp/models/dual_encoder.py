@@ -33,11 +33,16 @@ def mean_pool(t: Tokens) -> Tensor:
 
 class DualEncoder(nn.Module):
     def __init__(self, text: nn.Module, image: nn.Module, embed_dim: int, image_pool: str = "mean",
-                 logit_scale_init: float = math.log(1 / 0.07), logit_scale_max: float = 100.0):
+                 logit_scale_init: float = math.log(1 / 0.07), logit_scale_max: float = 100.0,
+                 text_head: str = "linear"):
         super().__init__()
         self.text, self.image = text, image
         self.image_pool = image_pool                                 # "cls" (ViT) | "mean" (CNN)
-        self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
+        if text_head not in ("linear", "mlp"):
+            raise ValueError(f"unknown text_head {text_head!r}; valid: linear, mlp")
+        self.text_proj = (nn.Linear(text.width, embed_dim, bias=False) if text_head == "linear" else
+                          nn.Sequential(nn.Linear(text.width, text.width), nn.GELU(),
+                                        nn.Linear(text.width, embed_dim, bias=False)))
         self.image_norm = nn.LayerNorm(image.width)
         self.image_proj = nn.Linear(image.width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))

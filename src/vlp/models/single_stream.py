@@ -74,7 +74,10 @@ class ImageBERT(nn.Module):
             out["moc_logits"], out["mrfr_pred"] = self.moc(h), self.mrfr(h)
         return SingleStreamOutput(**out)
 
-    def match_scores(self, ids: Tensor, mask: Tensor, feats: Tensor, boxes: Tensor, region_mask: Tensor) -> Tensor:
-        """ITM logits (B,) of unmasked (text, regions) pairs: the cross-encoder's retrieval score."""
-        text, _ = self.encode(ids, mask, feats, boxes, region_mask)
-        return self.itm(text[:, 0]).squeeze(-1)
+    def match_scores(self, ids: Tensor, mask: Tensor, feats: Tensor, boxes: Tensor, region_mask: Tensor,
+                     bf16: bool = False) -> Tensor:
+        """ITM logits (B,) of unmasked (text, regions) pairs: the cross-encoder's retrieval score.
+        bf16: the transformer under bf16 autocast, the ITM head in float32 (fewer tied scores)."""
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            text, _ = self.encode(ids, mask, feats, boxes, region_mask)
+        return self.itm(text[:, 0].float()).squeeze(-1)

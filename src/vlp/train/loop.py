@@ -98,10 +98,13 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
         _init_new_rows(model, tokenizer, records, cfg, log)
     group_key = "hex" if any("hex" in r.meta for r in records) else ""     # emoji: one group per emoji
     if store is not None:       # single stream: (caption, regions) pairs, negatives and masks made in the collator
-        dataset = RegionPairDataset(records, store, seed=t.seed, report=report, group_key=group_key)
+        d = cfg.data
+        dataset = RegionPairDataset(records, store, seed=t.seed, report=report, group_key=group_key,
+                                    hard_pool=d.hard_pool if d.hard_negatives > 0 else 0,
+                                    hard_max_sim=d.hard_max_sim, negatives=d.negatives)
         masked = any(cfg.objectives.get(name, 0) > 0 for name in MASKED)
-        collate = PairCollator(tokenizer, cfg.model.text_max_len, negatives=cfg.data.negatives, mask=masked,
-                               seed=t.seed)
+        collate = PairCollator(tokenizer, cfg.model.text_max_len, negatives=d.negatives, mask=masked,
+                               seed=t.seed, hard=d.hard_negatives)
     else:
         dataset = PairDataset(records, cfg.model.image_size, group_key=group_key, augment=cfg.data.augment,
                               crop_scale=cfg.data.crop_scale, seed=t.seed, report=report, progress=progress)
