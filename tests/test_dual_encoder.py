@@ -130,3 +130,20 @@ def test_partly_frozen_tower_trains_its_top_layers():
     model.encode_text(ids, torch.ones_like(ids, dtype=torch.bool)).sum().backward()
     assert model.text.transformer.blocks[1].attn.q.weight.grad.abs().sum() > 0
     assert model.text.transformer.blocks[0].attn.q.weight.grad is None
+
+
+def test_mlp_text_head_on_cached_features():
+    """`text_head = "mlp"`: a nonlinear projection after the locked tower, on the cached features too;
+    unknown names fail clearly."""
+    import pytest
+    model = _model()
+    mlp = DualEncoder(model.text, model.image, embed_dim=16, text_head="mlp")
+    ids, mask = torch.randint(5, 50, (4, 6)), torch.ones(4, 6, dtype=torch.bool)
+    assert mlp.cache_text(ids, mask) == 4
+    out = mlp.encode_text(ids, mask)
+    assert out.shape == (4, 16) and isinstance(mlp.text_proj, torch.nn.Sequential)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(4))
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mlp.text_proj.parameters())
+    with pytest.raises(ValueError, match="unknown text_head 'deep'"):
+        DualEncoder(model.text, model.image, embed_dim=16, text_head="deep")

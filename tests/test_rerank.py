@@ -131,3 +131,33 @@ def test_memoized_scorer_scores_each_pair_once():
     t, i = torch.tensor([0, 1, 4, 0]), torch.tensor([3, 2, 0, 3])
     assert torch.equal(cached(t, i), S[t, i]) and torch.equal(cached(t.flip(0), i.flip(0)), S[t, i].flip(0))
     assert sorted(calls) == sorted({(0, 3), (1, 2), (4, 0)})
+
+
+def test_hard_negatives_mined_with_a_dual_encoder(emoji_tiny, regions_tiny, tmp_path, capsys):
+    """Neighbours from a dual encoder equal a naive ranking of its similarities (own group and identical
+    captions left out), and an ImageBERT fine-tuning run with `data.hard_from = DUAL` trains on them."""
+    from test_train import imagebert_cfg, tiny_cfg
+    from vlp.data.formats import SkipReport, read_records
+    from vlp.data.pairs import decode_images
+    from vlp.data.region_pairs import mine_neighbours
+    from vlp.eval.retrieval import embed_images, embed_texts
+    from vlp.train import loop
+    from vlp.train.checkpoint import load_checkpoint
+    dual = loop.train(tiny_cfg(emoji_tiny, tmp_path / "de", **{"train.steps": 2}), progress=False)
+    records = read_records(emoji_tiny, split="train")[0]
+    groups = [hash(r.meta["hex"]) for r in records]            # the two styles of one emoji: one group
+    got = mine_neighbours(records, groups, str(dual), k=5, progress=False)
+    model, tok, cfg = load_checkpoint(dual)
+    img = embed_images(model.eval(), decode_images(records, cfg.model.image_size, SkipReport(), progress=False)[1])
+    for n, r in enumerate(records):
+        q = embed_texts(model, tok, r.captions, cfg.model.text_max_len).sum(0)
+        sim = {m: float(q @ img[m]) for m, o in enumerate(records)
+               if groups[m] != groups[n] and not set(o.captions) & set(r.captions)}
+        want = sorted(sim.values(), reverse=True)[:5]
+        assert set(got[n].tolist()) <= set(sim) and [sim[m] for m in got[n].tolist()] == pytest.approx(want, abs=1e-4)
+    cfg = imagebert_cfg(emoji_tiny, regions_tiny, tmp_path / "ib", **{
+        "train.steps": 2, "data.negatives": 2, "data.hard_negatives": 1.0, "data.hard_from": f'"{dual}"',
+        "data.hard_pool": 4})
+    capsys.readouterr()
+    loop.train(cfg, progress=False)
+    assert "hard negatives: the 4 nearest records by the dual encoder" in capsys.readouterr().out

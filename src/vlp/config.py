@@ -68,9 +68,10 @@ class DataConfig:
     cluster_size: int = 0             # with cluster_key: at most this many of a cluster per batch (0 = all)
     regions: str = ""                 # region store of the training images (`vlp regions extract`), for imagebert
     negatives: int = 1                # imagebert: sampled negative pairs per matched pair (retrieval_* losses: P - 1)
-    hard_negatives: float = 0.0       # imagebert: share of those negatives drawn from TF-IDF caption neighbours
-    hard_pool: int = 30               # how many nearest neighbours per image form its hard pool (InterBERT: 30)
-    hard_max_sim: float = 0.5         # neighbours this similar or more are left out (likely false negatives)
+    hard_negatives: float = 0.0       # imagebert: share of those negatives drawn from each image's nearest records
+    hard_from: str = "tfidf"          # nearest by caption TF-IDF, or by a dual-encoder checkpoint's text->image scores
+    hard_pool: int = 30               # how many nearest records per image form its hard pool (InterBERT: 30)
+    hard_max_sim: float = 0.5         # tfidf: neighbours this similar or more are left out (likely false negatives)
 
 
 @dataclass

@@ -65,7 +65,7 @@ RETRIEVAL = Path(__file__).parent / "configs" / "emoji-imagebert-retrieval.toml"
 # first-stage dual encoder on the scenes: at 96 px (at 64 px a scene's objects shrink to 11-25 px), batch 64
 DUAL = ("train.steps=300", "train.warmup_steps=30", "train.lr=1e-3", "train.batch_size=64", "model.image_size=96")
 CLASSIFIER = {"steps": 400, "batch_size": 64, "words": True, "stem": "half"}     # `vlp regions train` settings (docs/results.md)
-FUSE = (0.5, 1.0, 2.0, 4.0)      # weights W of sigmoid(ITM) + W * cosine (BLIP-style) tried on the val scenes
+FUSE = (0.5, 1.0, 2.0, 4.0, 8.0)     # weights W of sigmoid(ITM) + W * cosine (BLIP-style) tried on the val scenes
 
 
 def _same_config(run: Path, cfg, name: str = "config.toml") -> bool:

@@ -21,7 +21,7 @@ from vlp import config as config_lib
 from vlp.data.collate import Collator, PairCollator, views_for
 from vlp.data.formats import SkipReport, read_records
 from vlp.data.pairs import PairDataset, ResumableBatches
-from vlp.data.region_pairs import RegionPairDataset
+from vlp.data.region_pairs import RegionPairDataset, mine_neighbours
 from vlp.data.regions import RegionStore
 from vlp.models import build_model
 from vlp.objectives import MASKED, build_objectives
@@ -100,8 +100,12 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
     if store is not None:       # single stream: (caption, regions) pairs, negatives and masks made in the collator
         d = cfg.data
         dataset = RegionPairDataset(records, store, seed=t.seed, report=report, group_key=group_key,
-                                    hard_pool=d.hard_pool if d.hard_negatives > 0 else 0,
-                                    hard_max_sim=d.hard_max_sim, negatives=d.negatives)
+                                    negatives=d.negatives)
+        if d.hard_negatives > 0:
+            log.info(f"hard negatives: the {d.hard_pool} nearest records by "
+                     + ("caption TF-IDF" if d.hard_from == "tfidf" else f"the dual encoder {d.hard_from}"))
+            dataset.neighbours = mine_neighbours(dataset.records, dataset.group_ids, d.hard_from, d.hard_pool,
+                                                 d.hard_max_sim, progress=progress)
         masked = any(cfg.objectives.get(name, 0) > 0 for name in MASKED)
         collate = PairCollator(tokenizer, cfg.model.text_max_len, negatives=d.negatives, mask=masked,
                                seed=t.seed, hard=d.hard_negatives)
