@@ -8,8 +8,12 @@ KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 
 def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys):
+    from test_train import tiny_cfg
+    from vlp.train import loop
+    crops = loop.train(tiny_cfg(emoji_tiny, tmp_path / "de", **{"train.steps": 2}), progress=False)   # 64-d
     tiny = dict(out=str(tmp_path / "qs"), data=str(emoji_tiny.parent), scenes=str(tmp_path / "scenes"), n_scenes=40,
-                rerank_k=4, eval_limit=6, exhaustive_limit=5, val_limit=4, dual_init="", classifier={"steps": 2, "batch_size": 8, "image_size": 32},
+                rerank_k=4, eval_limit=6, exhaustive_limit=5, val_limit=4, dual_init="", crop_encoder=str(crops),
+                classifier={"steps": 2, "batch_size": 8, "image_size": 32},
                 overrides=["stages.emoji.train.steps=2", "stages.scenes.train.steps=2", "train.batch_size=8",
                            "train.precision=fp32"],
                 finetune_overrides=["train.steps=2", "train.batch_size=4", "train.precision=fp32"],
@@ -26,6 +30,7 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
     assert sel["fused_t2i_r1"][f"{sel['weight']:g}"] == max(sel["fused_t2i_r1"].values())
     assert res["exhaustive"]["mode"] == "exhaustive" and res["exhaustive"]["limit"] == 5
     assert res["rerank"]["n_texts"] == res["dual"]["n_texts"] > 0
+    assert res["region_dim"] == 512 + 64 and res["crop_encoder"].startswith(str(crops))   # RoI feature + crop embedding
     for run in ("imagebert", "imagebert/stages/emoji", "retrieval", "dual"):
         assert (tmp_path / "qs" / run / "checkpoints" / "latest").is_file(), run
     capsys.readouterr()
@@ -34,3 +39,8 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "training the region classifier" not in out and "extracting" not in out and "skipped" in out
     assert {k: again["rerank"][k] for k in KEYS} == {k: res["rerank"][k] for k in KEYS}
+
+    plain = quickstart_imagebert(**{**tiny, "crop_encoder": ""})   # other region features: extracted and trained again
+    out = capsys.readouterr().out
+    assert "extracting emoji regions" in out and "extracting scenes regions" in out and "resuming" not in out
+    assert plain["region_dim"] == 512 and plain["crop_encoder"] is None

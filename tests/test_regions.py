@@ -257,6 +257,47 @@ def test_train_save_load_and_extract_to_store(emoji_tiny, tmp_path):
     assert torch.equal(RegionStore(tmp_path / "whole")[scenes[2].image_id]["boxes"], torch.tensor([[0.0, 0.0, 48.0, 48.0]]))
 
 
+def test_crop_encoder_appends_the_dual_embedding_of_each_box(emoji_tiny, tmp_path):
+    """`--crop-encoder`: the last D columns of every region feature are sqrt(D) x the dual encoder's
+    embedding of that box's crop, computed here one crop at a time (PIL crop, antialiased resize)."""
+    import torchvision.transforms.v2.functional as TF
+
+    from test_train import tiny_cfg
+    from vlp.regions.classifier import save_classifier
+    from vlp.train import loop
+    from vlp.train.checkpoint import load_checkpoint
+    torch.manual_seed(0)
+    save_classifier(RegionClassifier(["a", "b"], stem="half"), {"class_names": ["a", "b"], "trunk": "resnet18",
+                                                                "stem": "half", "identities": [], "words": []},
+                    tmp_path / "clf")
+    dual = loop.train(tiny_cfg(emoji_tiny, tmp_path / "de", **{"train.steps": 2}), progress=False)
+    records, _ = read_records(emoji_tiny, split="test")
+    scenes = _paste_scenes(records[:6], tmp_path / "scenes")
+    plain = extract_to_store(tmp_path / "clf", scenes, tmp_path / "plain", bf16=False, progress=False)
+    stats = extract_to_store(tmp_path / "clf", scenes, tmp_path / "crops", bf16=False, crop_encoder=dual,
+                             progress=False)
+    assert stats["regions"] == plain["regions"] == 6
+    model, _, cfg = load_checkpoint(dual)
+    size, dim = cfg.model.image_size, cfg.model.embed_dim
+    with_crops, without = RegionStore(tmp_path / "crops"), RegionStore(tmp_path / "plain")
+    assert with_crops.info["crop_encoder"] == str(dual) and with_crops.info["crop_size"] == size
+    naive = []
+    for r in scenes:
+        got, ref = with_crops[r.image_id], without[r.image_id]
+        assert got["features"].shape == (len(ref["boxes"]), 512 + dim)
+        torch.testing.assert_close(got["features"][:, :512], ref["features"])
+        image = Image.open(r.image).convert("RGB")
+        for (x1, y1, x2, y2), feature in zip(ref["boxes"].tolist(), got["features"]):
+            crop = TF.resize(TF.pil_to_tensor(image.crop((x1, y1, x2, y2))), [size, size], antialias=True)
+            with torch.no_grad():
+                naive.append(model.encode_image(normalize(crop[None]))[0] * dim ** 0.5)
+            torch.testing.assert_close(feature[512:], naive[-1], atol=5e-3, rtol=0)     # a float16 store
+    spread = torch.cdist(torch.stack(naive), torch.stack(naive)).fill_diagonal_(float("inf")).min()
+    assert spread > 0.05                        # the crops differ by far more than the tolerance: a wrong box fails
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        extract_to_store(tmp_path / "clf", scenes, tmp_path / "bad", crop_encoder=tmp_path / "clf", progress=False)
+
+
 def _paste_scenes(emoji: list[Record], folder: Path) -> list[Record]:
     """Canvases of 64, 64 and 48 px holding 3, 2 and 1 emoji of 32 px, as scene records with meta objects
     (x, y, w, h)."""

@@ -57,7 +57,7 @@ def cmd_regions(args) -> None:
         stats = extract_to_store(args.classifier, args.data, args.out, split=args.split or None,
                                  max_regions=args.max_regions, batch_size=args.batch_size,
                                  feature_dtype=args.dtype, bf16=not args.no_bf16, whole_image=args.whole_image,
-                                 overwrite=args.overwrite)
+                                 crop_encoder=args.crop_encoder or None, overwrite=args.overwrite)
         print(json.dumps(stats, indent=1, ensure_ascii=False))
     else:
         from vlp.data.regions import store_from_npz_dir, store_from_tsv
@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     rx.add_argument("--whole-image", action="store_true",
                     help="one region per image covering all of it (images of one object, e.g. the emoji set)")
+    rx.add_argument("--crop-encoder", default="", metavar="RUN",
+                    help="a dual-encoder run (e.g. runs/quickstart): append its embedding of each box's crop "
+                         "to the region feature")
     rx.add_argument("--no-bf16", action="store_true")
     rx.add_argument("--overwrite", action="store_true")
     ri = rg.add_parser("import", help="bottom-up-attention TSV files or a folder of .npz files -> a region store")

@@ -72,9 +72,18 @@ def _same_config(run: Path, cfg, name: str = "config.toml") -> bool:
     return (run / name).is_file() and (run / name).read_text() == config_lib.dump(cfg)
 
 
+def _checkpoint_or_none(path: str) -> str | None:
+    """The newest complete checkpoint under `path`, or None when there is none (or no path)."""
+    from vlp.train.checkpoint import resolve
+    try:
+        return str(resolve(path)) if path else None
+    except FileNotFoundError:
+        return None
+
+
 def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "data/emoji", n_scenes: int = 10000,
                          rerank_k: int = 16, eval_limit: int = 400, exhaustive_limit: int = 100, val_limit: int = 200,
-                         dual_init: str = "runs/quickstart", overrides: list[str] | tuple = (),
+                         dual_init: str = "runs/quickstart", crop_encoder: str = "runs/quickstart", overrides: list[str] | tuple = (),
                          classifier: dict | None = None, finetune_overrides: list[str] | tuple = (),
                          dual_overrides: list[str] | tuple = (), scenes: str | None = None) -> dict:
     """ImageBERT end to end on the emoji scenes; every step reuses finished work and resumes interrupted work:
@@ -83,7 +92,9 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
     the first `eval_limit` scenes of the test split -> `out/eval_test.json` with `dual`, `rerank` (ITM alone,
     the paper), `rerank_fused` (sigmoid(ITM) + W * cosine, W chosen on the first `val_limit` val scenes,
     `fuse_selection`) and `exhaustive` (every pair of the first `exhaustive_limit` scenes) sections. The dual encoder fine-tunes
-    the ERNIE-ViL 2.0 quickstart's model when `dual_init` holds one, else it trains from scratch.
+    the ERNIE-ViL 2.0 quickstart's model when `dual_init` holds one, else it trains from scratch; the region
+    features carry the `crop_encoder` dual encoder's embedding of each box's crop when it holds a checkpoint
+    (by default the same quickstart model), else the classifier's features alone.
     overrides (`--set`) apply to the pretraining config; classifier (`vlp regions train` settings),
     finetune_overrides and dual_overrides shrink the other steps (tests)."""
     from vlp.data.emoji import build_emoji
@@ -94,7 +105,7 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
     from vlp.eval.retrieval import format_table
     from vlp.regions import extract_to_store, train_classifier
     from vlp.regions.classifier import CONFIG as CLASSIFIER_JSON
-    from vlp.train.checkpoint import load_checkpoint, resolve
+    from vlp.train.checkpoint import load_checkpoint
     from vlp.train.loop import train
     from vlp.train.stages import train_stages
 
@@ -128,19 +139,27 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
           f"(chance {100 * info['val_chance']:.1f}%), {len(info['words'])} name words ({seconds['classifier']} s)")
 
     t = time.perf_counter()
+    crops = _checkpoint_or_none(crop_encoder)
     stores = {"emoji": run / "regions" / "emoji", "scenes": run / "regions" / "scenes"}
+    rebuilt = False
     for name, store in stores.items():
         manifest = emoji_json if name == "emoji" else scenes_dir / "dataset.json"
         keep = ("train",) if name == "emoji" else ("train", "val", "test")
         records = [r for r in read_records(manifest)[0] if r.split in keep]
-        if not fresh and (store / "index.json").exists() and all(r.image_id in RegionStore(store) for r in records):
+        if (not fresh and (store / "index.json").exists() and RegionStore(store).info.get("crop_encoder") == (crops or "")
+                and all(r.image_id in RegionStore(store) for r in records)):
             continue
         print(f"[3/7] extracting {name} regions -> {store}")
-        stats = extract_to_store(clf_dir, records, store, whole_image=name == "emoji", overwrite=True)
+        rebuilt = True                           # new features: the pretraining below starts again
+        stats = extract_to_store(clf_dir, records, store, whole_image=name == "emoji", crop_encoder=crops,
+                                 overwrite=True)
         seconds[f"regions_per_s_{name}"] = round(stats["regions_per_s"], 1)
     lap("regions", t)
-    print(f"[3/7] region stores: {', '.join(f'{n} {len(RegionStore(s))} images' for n, s in stores.items())} "
-          f"({seconds['regions']} s)")
+    dim = RegionStore(stores["scenes"]).features.shape[1]
+    print(f"[3/7] region stores: {', '.join(f'{n} {len(RegionStore(s))} images' for n, s in stores.items())}, "
+          f"{dim}-d features: classifier RoI features"
+          + (f" + crop embeddings of {crops}" if crops else f" only (no dual-encoder checkpoint in {crop_encoder!r})")
+          + f" ({seconds['regions']} s)")
 
     t = time.perf_counter()
     sets = [f'train.out="{run / "imagebert"}"']
@@ -148,7 +167,7 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
                                   ("scenes", scenes_dir / "dataset.json", stores["scenes"])):
         sets += [f'stages.{name}.data.train="{manifest}"', f'stages.{name}.data.regions="{store}"']
     cfg = config_lib.load(IMAGEBERT, sets + list(overrides))
-    same = _same_config(run / "imagebert", cfg, "stages.toml") and not fresh
+    same = _same_config(run / "imagebert", cfg, "stages.toml") and not (fresh or rebuilt)
     print(f"[4/7] pretraining ImageBERT in {len(cfg.stages)} stages -> {run / 'imagebert'}"
           + (" (resuming / reusing)" if same else ""))
     train_stages(cfg, resume=same, overwrite=True)
@@ -164,10 +183,7 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
 
     t = time.perf_counter()
     dual_run = run / "dual"
-    try:
-        init = str(resolve(dual_init)) if dual_init else None
-    except FileNotFoundError:
-        init = None
+    init = _checkpoint_or_none(dual_init)
     dual = config_lib.load(PRESET, [f'train.out="{dual_run}"', f'data.train="{scenes_dir / "dataset.json"}"',
                                     *DUAL, *dual_overrides])
     print(f"[6/7] first-stage dual encoder (ERNIE-ViL 2.0) on the scenes -> {dual_run}, "
@@ -198,7 +214,8 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
     exhaustive = evaluate_cross_encoder(model, tok, records, scene_store, mcfg.model.text_max_len,
                                         limit=exhaustive_limit, bf16=True)
     lap("evaluate", t)
-    res = {"split": "test", "data": str(manifest), "limit": eval_limit, "dual_init": init,
+    res = {"split": "test", "data": str(manifest), "limit": eval_limit, "dual_init": init, "crop_encoder": crops,
+           "region_dim": dim,
            "dual": dual_res, "rerank": rerank, "rerank_fused": fused, "fuse_selection": selection,
            "exhaustive": {**exhaustive, "limit": exhaustive_limit},
            "seconds": seconds, "total_seconds": round(time.perf_counter() - t0, 1)}
