@@ -257,6 +257,32 @@ def test_train_save_load_and_extract_to_store(emoji_tiny, tmp_path):
     assert torch.equal(RegionStore(tmp_path / "whole")[scenes[2].image_id]["boxes"], torch.tensor([[0.0, 0.0, 48.0, 48.0]]))
 
 
+def test_classifier_training_resumes_exactly(emoji_tiny, tmp_path, monkeypatch):
+    import vlp.regions.classifier as clf_lib
+    kw = dict(steps=6, batch_size=4, image_size=32, words=True, save_every=3, progress=False)
+    whole = train_classifier(emoji_tiny, tmp_path / "whole", **kw)
+    assert not (tmp_path / "whole" / clf_lib.PROGRESS).exists()
+    save = clf_lib._save_progress
+
+    def save_then_stop(out_dir, state):        # the run dies right after its step-3 save
+        save(out_dir, state)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(clf_lib, "_save_progress", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(emoji_tiny, tmp_path / "cut", **kw)
+    monkeypatch.setattr(clf_lib, "_save_progress", save)
+    with pytest.raises(FileExistsError, match="interrupted classifier run \\(step 3 of 6\\).*--resume"):
+        train_classifier(emoji_tiny, tmp_path / "cut", **kw)
+    with pytest.raises(ValueError, match="lr was 0.002, now 0.001"):
+        train_classifier(emoji_tiny, tmp_path / "cut", resume=True, **{**kw, "lr": 1e-3})
+    resumed = train_classifier(emoji_tiny, tmp_path / "cut", resume=True, **kw)
+    assert not (tmp_path / "cut" / clf_lib.PROGRESS).exists()
+    want = whole.state_dict()
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, want[name]), name
+    assert resumed.info["val_accuracy"] == whole.info["val_accuracy"]
+
+
 def test_crop_encoder_appends_the_dual_embedding_of_each_box(emoji_tiny, tmp_path):
     """`--crop-encoder`: the last D columns of every region feature are sqrt(D) x the dual encoder's
     embedding of that box's crop, computed here one crop at a time (PIL crop, antialiased resize)."""

@@ -50,7 +50,8 @@ def cmd_regions(args) -> None:
         from vlp.regions import train_classifier
         model = train_classifier(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
                                  image_size=args.image_size, lr=args.lr, seed=args.seed, trunk=args.trunk,
-                                 stem=args.stem, identity=args.identity, words=args.words, bf16=not args.no_bf16, overwrite=args.overwrite)
+                                 stem=args.stem, identity=args.identity, words=args.words, bf16=not args.no_bf16,
+                                 overwrite=args.overwrite, resume=args.resume)
         print(json.dumps(model.info, indent=1, ensure_ascii=False))
     elif args.what == "extract":
         from vlp.regions import extract_to_store
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also predict the words of each emoji's English name (features that describe unseen emoji)")
     rt.add_argument("--no-bf16", action="store_true")
     rt.add_argument("--overwrite", action="store_true")
+    rt.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same settings)")
     rx = rg.add_parser("extract", help="RoIAlign region features over each image's boxes into a region store")
     rx.add_argument("classifier", help="folder written by `vlp regions train`")
     rx.add_argument("--data", required=True, help="manifest whose records carry boxes (e.g. emoji-scenes)")

@@ -104,7 +104,7 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
     from vlp.eval.rerank import evaluate_cross_encoder
     from vlp.eval.retrieval import format_table
     from vlp.regions import extract_to_store, train_classifier
-    from vlp.regions.classifier import CONFIG as CLASSIFIER_JSON
+    from vlp.regions.classifier import CONFIG as CLASSIFIER_JSON, OtherSettings
     from vlp.train.checkpoint import load_checkpoint
     from vlp.train.loop import train
     from vlp.train.stages import train_stages
@@ -133,7 +133,11 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
                  and all(info.get(k) == v for k, v in clf.items() if k != "words"))
     if fresh:
         print(f"[2/7] training the region classifier (detector stand-in) -> {clf_dir}")
-        info = train_classifier(emoji_json, clf_dir, overwrite=True, **clf).info
+        try:                # continue an interrupted classifier run with these settings
+            info = train_classifier(emoji_json, clf_dir, overwrite=True, resume=True, **clf).info
+        except OtherSettings as e:     # its settings differ: start again
+            print(f"[2/7] {e}; starting again")
+            info = train_classifier(emoji_json, clf_dir, overwrite=True, **clf).info
     lap("classifier", t)
     print(f"[2/7] region classifier: val category accuracy {100 * info['val_accuracy']:.1f}% "
           f"(chance {100 * info['val_chance']:.1f}%), {len(info['words'])} name words ({seconds['classifier']} s)")

@@ -43,6 +43,7 @@ from vlp.encoders.cnn import TorchvisionTrunk
 from vlp.train.optim import build_optimizer, build_scheduler
 
 WEIGHTS, CONFIG = "classifier.safetensors", "classifier.json"
+PROGRESS = "progress.pt"          # an unfinished run: model, optimiser, schedule and sampler state
 UNTAGGED = "(none)"
 CROP_SCALE = 0.6                 # random resized crop: area fraction in [0.6, 1]
 CANVAS_SCALE = (0.4, 1.0)        # emoji side / canvas side (scenes: 28-58 px emoji on 128 px, i.e. 0.44-0.9 at 64)
@@ -170,14 +171,22 @@ def _split(records: list[Record], split: str, image_size: int, class_names: list
 def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 140, batch_size: int = 32,
                      image_size: int = 64, lr: float = 2e-3, seed: int = 0, trunk: str = "resnet18",
                      stem: str = "small", identity: bool = False, words: bool = False, bf16: bool = True,
-                     overwrite: bool = False, progress: bool = True) -> RegionClassifier:
+                     overwrite: bool = False, resume: bool = False, save_every: int = 50,
+                     progress: bool = True) -> RegionClassifier:
     """Train on the train split of an emoji `dataset.json`, measure category accuracy on its val split,
     save `out_dir/classifier.safetensors` + `classifier.json`. -> the model in eval mode, `.info` as saved.
     The defaults take under 4 minutes on one CPU thread for the emoji set. identity: add the emoji-identity
-    head as an auxiliary loss (over ~1,800 classes it cost val accuracy at 140 steps: 46.9% vs 51.8%)."""
+    head as an auxiliary loss (over ~1,800 classes it cost val accuracy at 140 steps: 46.9% vs 51.8%).
+    Every `save_every` steps the whole training state goes to `out_dir/progress.pt` (atomically);
+    resume=True continues an interrupted run from there exactly as if it had not stopped, with the same
+    settings only (else OtherSettings, a ValueError); the file is removed when the classifier is saved."""
     out_dir = Path(out_dir)
     if (out_dir / CONFIG).exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a classifier ({CONFIG}); pass overwrite=True to replace it")
+    settings = {"data": str(emoji_json), "steps": steps, "batch_size": batch_size, "image_size": image_size,
+                "lr": lr, "seed": seed, "trunk": trunk, "stem": stem, "identity": identity, "words": words,
+                "bf16": bf16}
+    state = _resume_state(out_dir, settings, resume, overwrite)
     torch.manual_seed(seed)
     records, _ = read_records(emoji_json)
     class_names = sorted({category(r) for r in records})
@@ -192,9 +201,16 @@ def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 1
     opt = build_optimizer(model, lr, WEIGHT_DECAY)
     sched = build_scheduler(opt, warmup=max(1, steps // 10), total=steps)
     gen = torch.Generator().manual_seed(seed)
+    done, spent = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        done, spent = state["step"], state["seconds"]
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="region classifier", disable=not progress)
-    for _ in bar:
+    bar = tqdm(range(done, steps), desc="region classifier", disable=not progress, initial=done, total=steps)
+    for step in bar:
         model.train()
         idx = torch.randint(len(images), (batch_size,), generator=gen)
         views = normalize(torch.stack([augment(images[i], gen) for i in idx]))
@@ -210,7 +226,12 @@ def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 1
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    seconds = time.perf_counter() - start
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            _save_progress(out_dir, {"settings": settings, "step": step + 1, "model": model.state_dict(),
+                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                     "generator": gen.get_state(),
+                                     "seconds": spent + time.perf_counter() - start})
+    seconds = spent + time.perf_counter() - start
     info = {"trunk": trunk, "stem": stem, "image_size": image_size, "feature_dim": model.feature_dim,
             "class_names": class_names, "identities": identities, "words": vocab,
             "val_accuracy": accuracy(model, val_images, val_labels, bf16=bf16),
@@ -220,7 +241,39 @@ def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 1
     if vocab:
         info["val_word_top1"] = word_top1(model, val_images, _word_targets(val, vocab), bf16)
     save_classifier(model, info, out_dir)
+    (out_dir / PROGRESS).unlink(missing_ok=True)
     return model
+
+
+class OtherSettings(ValueError):
+    """An interrupted classifier run cannot be resumed with other settings."""
+
+
+def _resume_state(out_dir: Path, settings: dict, resume: bool, overwrite: bool) -> dict | None:
+    """The saved state of an interrupted run in `out_dir` to continue (resume), or None to start afresh."""
+    path = out_dir / PROGRESS
+    if not path.is_file():
+        return None
+    if not resume:
+        if overwrite:
+            return None
+        step = torch.load(path, weights_only=True)["step"]
+        raise FileExistsError(f"{out_dir} holds an interrupted classifier run (step {step} of "
+                              f"{settings['steps']}); pass resume=True (--resume) to continue it or "
+                              "overwrite=True (--overwrite) to start again")
+    state = torch.load(path, weights_only=True)
+    differ = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
+    if differ:
+        raise OtherSettings(f"cannot resume the classifier run in {out_dir} with other settings: " +
+                         ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differ.items()))
+    return state
+
+
+def _save_progress(out_dir: Path, state: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{PROGRESS}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, out_dir / PROGRESS)
 
 
 def save_classifier(model: RegionClassifier, info: dict, out_dir: str | Path) -> None:
