@@ -259,6 +259,7 @@ def test_train_save_load_and_extract_to_store(emoji_tiny, tmp_path):
 
 def test_classifier_training_resumes_exactly(emoji_tiny, tmp_path, monkeypatch):
     import vlp.regions.classifier as clf_lib
+    from vlp.cli import main
     kw = dict(steps=6, batch_size=4, image_size=32, words=True, save_every=3, progress=False)
     whole = train_classifier(emoji_tiny, tmp_path / "whole", **kw)
     assert not (tmp_path / "whole" / clf_lib.PROGRESS).exists()
@@ -273,6 +274,8 @@ def test_classifier_training_resumes_exactly(emoji_tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(clf_lib, "_save_progress", save)
     with pytest.raises(FileExistsError, match="interrupted classifier run \\(step 3 of 6\\).*--resume"):
         train_classifier(emoji_tiny, tmp_path / "cut", **kw)
+    with pytest.raises(SystemExit, match="error: .*interrupted classifier run"):      # the CLI: a clear error
+        main(["regions", "train", "--data", str(emoji_tiny), "--out", str(tmp_path / "cut"), "--steps", "6"])
     with pytest.raises(ValueError, match="lr was 0.002, now 0.001"):
         train_classifier(emoji_tiny, tmp_path / "cut", resume=True, **{**kw, "lr": 1e-3})
     resumed = train_classifier(emoji_tiny, tmp_path / "cut", resume=True, **kw)

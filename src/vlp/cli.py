@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         if os.environ.get("VLP_DEBUG"):
             raise
         raise SystemExit(f"error: {e}  (set VLP_DEBUG=1 for the traceback)")
