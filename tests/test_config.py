@@ -33,7 +33,7 @@ def test_unknown_key_names_valid_keys():
 def test_wrong_type_and_bad_choice(tmp_path):
     with pytest.raises(config.ConfigError, match=r"train\.steps: expected int, got str"):
         config.load(None, ["train.steps=many"])
-    with pytest.raises(config.ConfigError, match=r"precision.*fp32, bf16"):
+    with pytest.raises(config.ConfigError, match=r"precision.*fp32, bf16, auto"):
         config.load(None, ["train.precision=fp16"])
     with pytest.raises(config.ConfigError, match=r"unknown objective 'mlm' for ernie-vil2"):
         config.load(None, ["objectives.mlm=1"])

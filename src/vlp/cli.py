@@ -50,14 +50,14 @@ def cmd_regions(args) -> None:
         from vlp.regions import train_classifier
         model = train_classifier(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
                                  image_size=args.image_size, lr=args.lr, seed=args.seed, trunk=args.trunk,
-                                 stem=args.stem, identity=args.identity, words=args.words, bf16=not args.no_bf16,
+                                 stem=args.stem, identity=args.identity, words=args.words, bf16=False if args.no_bf16 else None,
                                  overwrite=args.overwrite, resume=args.resume)
         print(json.dumps(model.info, indent=1, ensure_ascii=False))
     elif args.what == "extract":
         from vlp.regions import extract_to_store
         stats = extract_to_store(args.classifier, args.data, args.out, split=args.split or None,
                                  max_regions=args.max_regions, batch_size=args.batch_size,
-                                 feature_dtype=args.dtype, bf16=not args.no_bf16, whole_image=args.whole_image,
+                                 feature_dtype=args.dtype, bf16=False if args.no_bf16 else None, whole_image=args.whole_image,
                                  crop_encoder=args.crop_encoder or None, overwrite=args.overwrite)
         print(json.dumps(stats, indent=1, ensure_ascii=False))
     else:
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--identity", action="store_true", help="also predict each emoji's identity")
     rt.add_argument("--words", action="store_true",
                     help="also predict the words of each emoji's English name (features that describe unseen emoji)")
-    rt.add_argument("--no-bf16", action="store_true")
+    rt.add_argument("--no-bf16", action="store_true", help="float32 even where the CPU has native bf16 (default: bf16 there)")
     rt.add_argument("--overwrite", action="store_true")
     rt.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same settings)")
     rx = rg.add_parser("extract", help="RoIAlign region features over each image's boxes into a region store")
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--crop-encoder", default="", metavar="RUN",
                     help="a dual-encoder run (e.g. runs/quickstart): append its embedding of each box's crop "
                          "to the region feature")
-    rx.add_argument("--no-bf16", action="store_true")
+    rx.add_argument("--no-bf16", action="store_true", help="float32 even where the CPU has native bf16 (default: bf16 there)")
     rx.add_argument("--overwrite", action="store_true")
     ri = rg.add_parser("import", help="bottom-up-attention TSV files or a folder of .npz files -> a region store")
     src = ri.add_mutually_exclusive_group(required=True)
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rerank by sigmoid(ITM) + W * first-stage cosine (0 = ITM alone, the paper; several W: "
                          "one result each)")
     ev.add_argument("--limit", type=int, help="evaluate the first N images only (exhaustive scoring is slow)")
-    ev.add_argument("--bf16", action="store_true", help="single-stream scoring under bf16 autocast (about 2x faster)")
+    ev.add_argument("--bf16", action="store_true", help="single-stream scoring under bf16 autocast (about 2x faster on CPUs with native bf16)")
     ev.add_argument("--out", help="write the metrics JSON here")
     ev.set_defaults(fn=cmd_evaluate)
 

@@ -87,7 +87,7 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0
     clip_grad: float = 1.0
-    precision: str = "fp32"           # fp32 | bf16 (autocast)
+    precision: str = "fp32"           # fp32 | bf16 (autocast) | auto (bf16 where the hardware has it natively)
     log_every: int = 10
     eval_every: int = 0               # 0 = only at the end
     save_every: int = 200
@@ -243,7 +243,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 CHOICES = {
     ("model", "arch"): ("ernie-vil2", "imagebert"),
-    ("train", "precision"): ("fp32", "bf16"),
+    ("train", "precision"): ("fp32", "bf16", "auto"),
     ("model", "new_token_init"): ("pairs", "mean"),
     ("data", "augment"): ("none", "crop"),
 }

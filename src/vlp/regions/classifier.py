@@ -40,6 +40,7 @@ from vlp.data.formats import Record, SkipReport, read_records
 from vlp.data.pairs import decode_images
 from vlp.data.transforms import normalize, random_resized_crop
 from vlp.encoders.cnn import TorchvisionTrunk
+from vlp.layers import use_bf16
 from vlp.train.optim import build_optimizer, build_scheduler
 
 WEIGHTS, CONFIG = "classifier.safetensors", "classifier.json"
@@ -170,7 +171,7 @@ def _split(records: list[Record], split: str, image_size: int, class_names: list
 
 def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 140, batch_size: int = 32,
                      image_size: int = 64, lr: float = 2e-3, seed: int = 0, trunk: str = "resnet18",
-                     stem: str = "small", identity: bool = False, words: bool = False, bf16: bool = True,
+                     stem: str = "small", identity: bool = False, words: bool = False, bf16: bool | None = None,
                      overwrite: bool = False, resume: bool = False, save_every: int = 50,
                      progress: bool = True) -> RegionClassifier:
     """Train on the train split of an emoji `dataset.json`, measure category accuracy on its val split,
@@ -180,6 +181,7 @@ def train_classifier(emoji_json: str | Path, out_dir: str | Path, steps: int = 1
     Every `save_every` steps the whole training state goes to `out_dir/progress.pt` (atomically);
     resume=True continues an interrupted run from there exactly as if it had not stopped, with the same
     settings only (else OtherSettings, a ValueError); the file is removed when the classifier is saved."""
+    bf16 = use_bf16(bf16)                 # None: bf16 autocast where this CPU has native bf16
     out_dir = Path(out_dir)
     if (out_dir / CONFIG).exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a classifier ({CONFIG}); pass overwrite=True to replace it")

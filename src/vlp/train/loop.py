@@ -23,6 +23,7 @@ from vlp.data.formats import SkipReport, read_records
 from vlp.data.pairs import PairDataset, ResumableBatches
 from vlp.data.region_pairs import RegionPairDataset, mine_neighbours
 from vlp.data.regions import RegionStore
+from vlp.layers import use_bf16
 from vlp.models import build_model
 from vlp.objectives import MASKED, build_objectives
 from vlp.train import checkpoint as ckpt
@@ -144,8 +145,10 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
                                clusters=dataset.clusters(cfg.data.cluster_key) if cfg.data.cluster_key else None,
                                cluster_size=cfg.data.cluster_size)
     loader = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.data.num_workers))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
-                else contextlib.nullcontext())
+    bf16 = use_bf16(None if t.precision == "auto" else t.precision == "bf16", device.type)
+    if t.precision == "auto":
+        log.info(f"precision auto: {'bf16 autocast' if bf16 else 'float32 (no native bf16 matmuls here)'}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if hasattr(model, "cache_text"):      # a locked text tower: its features for fixed captions, once
         captions = sorted({c for r in dataset.records for c in r.captions})
         ids, mask = tokenizer.encode(captions, cfg.model.text_max_len)
