@@ -111,6 +111,16 @@ def test_idempotent_and_rebuilds_when_settings_change(built, tmp_path):
     assert list(tmp_path.iterdir()) == [other]                        # the old build and the temp folder are gone
 
 
+def test_ensure_uses_an_existing_dataset_whatever_its_settings(built, monkeypatch):
+    """The quickstarts' entry: a set built with other settings (here a size and limit the defaults
+    would rebuild) is used as it is, never rebuilt."""
+    out, counts = built
+    stamp = (out / "dataset.json").stat().st_mtime_ns
+    monkeypatch.setattr(em, "build_emoji", lambda *a, **k: pytest.fail("rebuilt an existing dataset"))
+    assert em.ensure_emoji(out) == (counts, False)
+    assert (out / "dataset.json").stat().st_mtime_ns == stamp
+
+
 def test_interrupted_build_leaves_the_old_dataset_and_no_debris(tmp_path, monkeypatch):
     out = tmp_path / "emoji"
     em.build_emoji(out, size=SIZE, limit=5, progress=False)

@@ -18,7 +18,9 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
                            "train.precision=fp32"],
                 finetune_overrides=["train.steps=2", "train.batch_size=4", "train.precision=fp32"],
                 dual_overrides=["train.steps=2", "train.batch_size=8", "model.image_size=32", "data.eval_split=\"\""])
+    emoji_counts = (emoji_tiny.parent / "counts.json").read_text()
     res = quickstart_imagebert(**tiny)
+    assert (emoji_tiny.parent / "counts.json").read_text() == emoji_counts      # the given emoji set is used, not rebuilt
     saved = json.loads((tmp_path / "qs" / "eval_test.json").read_text())
     assert saved == res
     for section in ("dual", "rerank", "exhaustive"):

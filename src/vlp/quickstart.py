@@ -18,14 +18,14 @@ PRESET = Path(__file__).parent / "configs" / "emoji-ernie-vil2.toml"
 
 
 def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides: list[str] | tuple = ()) -> dict:
-    from vlp.data.emoji import build_emoji
+    from vlp.data.emoji import ensure_emoji
     from vlp.data.formats import read_records
     from vlp.eval.retrieval import evaluate, format_table
     from vlp.train.checkpoint import load_checkpoint
     from vlp.train.loop import train
 
     t0 = time.perf_counter()
-    counts = build_emoji(data)
+    counts, _ = ensure_emoji(data)
     images = counts.get("images", {})
     shown = ", ".join(f"{n} {style}" for style, n in images.items()) if isinstance(images, dict) else images
     print(f"[1/4] emoji data in {data}: {counts.get('emoji', '?')} emoji, images: {shown} "
@@ -97,7 +97,7 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
     (by default the same quickstart model), else the classifier's features alone.
     overrides (`--set`) apply to the pretraining config; classifier (`vlp regions train` settings),
     finetune_overrides and dual_overrides shrink the other steps (tests)."""
-    from vlp.data.emoji import build_emoji
+    from vlp.data.emoji import ensure_emoji
     from vlp.data.formats import read_records
     from vlp.data.regions import RegionStore
     from vlp.data.scenes import build_scenes
@@ -120,7 +120,7 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
         seconds[name] = round(time.perf_counter() - start, 1)
 
     t = time.perf_counter()
-    build_emoji(data)
+    ensure_emoji(data)
     counts = build_scenes(scenes_dir, emoji=data, n=n_scenes)
     lap("data", t)
     split_counts = counts.get("scenes", {})

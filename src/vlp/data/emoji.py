@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from vlp.data.files import build_folder, write_json
+from vlp.data.files import build_folder, stored_counts, write_json
 
 BUILDER_VERSION = 1                   # bump when the output changes for the same inputs
 STYLES = ("openmoji", "twemoji")
@@ -196,6 +196,16 @@ def build_emoji(out: str | Path, size: int = 64, seed: int = 0, val_frac: float 
     if built:
         print(summarize(counts, out))
     return counts
+
+
+def ensure_emoji(out: str | Path, progress: bool = True) -> tuple[dict, bool]:
+    """-> (counts, built now?). An emoji dataset vlp already built in `out` is used as it is, whatever
+    its size or limit (a user's `vlp data emoji --size 96`, a test's tiny set); a missing one is built
+    with the defaults. What the quickstarts call: they never rebuild a dataset they were pointed to."""
+    stored = stored_counts(Path(out))
+    if stored is not None and "builder" in stored.get("settings", {}) and (Path(out) / "dataset.json").is_file():
+        return stored, False
+    return build_emoji(out, progress=progress), True
 
 
 def _build_into(folder: Path, settings: dict, progress: bool) -> dict:
