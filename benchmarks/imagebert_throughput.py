@@ -33,7 +33,7 @@ import transformers
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from train_throughput import FLOP_FORMULAS, environment, matmul_peak, peak_over_two_steps, save
+from train_throughput import FLOP_FORMULAS, default_precisions, environment, matmul_peak, peak_over_two_steps, save
 from vlp.data.collate import Batch
 from vlp.data.masking import IGNORE, mask_tokens
 from vlp.encoders.text import TextEncoder
@@ -148,7 +148,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=default_precisions(),
+                   help="default: fp32, and bf16 where this CPU has native bf16")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON lines)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -183,7 +185,7 @@ def main() -> None:
                 **environment()}
         print(json.dumps(row), flush=True)
         results.append(row)
-    save(results, RESULTS)
+    save(results, args.out)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,30 @@ def test_locked_tower_split_equals_one_pass():
     assert g_fast[:50].abs().sum() == 0 and g_fast[55].abs().sum() > 0
 
 
+def test_live_captions_run_in_length_buckets_equal_one_padded_pass():
+    """Captions with trainable new rows run in groups of similar length (`_run_by_length`): the same
+    embeddings and gradients as one pass padded to the longest, in the caller's row order."""
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(2, 8, (48,), generator=g)
+    mask = torch.arange(7)[None] < lengths[:, None]                    # (48, 7)
+    ids = torch.randint(5, 50, (48, 7), generator=g)
+    ids[:, 1] = torch.randint(50, 60, (48,), generator=g)              # every caption holds a new token
+    ids[~mask] = 0
+    calls = []
+    hook = model.text.register_forward_hook(lambda m, a, out: calls.append(a[0].shape))
+    fast = model.encode_text(ids, mask)
+    hook.remove()
+    assert len(calls) == 3 and sorted(c[1] for c in calls) == sorted(set(c[1] for c in calls))   # 3 trimmed groups
+    fast.square().sum().backward()
+    g_fast = model.text.embeddings.word.weight.grad.clone()
+    model.zero_grad()
+    slow = torch.nn.functional.normalize(model.text_proj(mean_pool(model.text(ids, mask))), dim=-1)
+    slow.square().sum().backward()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_fast, model.text.embeddings.word.weight.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_cached_features_equal_the_tower():
     """`cache_text` features are looked up for frozen-token captions: same embeddings and gradients."""
     model = _model()

@@ -314,3 +314,19 @@ def test_onednn_linear_equals_f_linear(shape, out, bias):
         grads.append([y, xs.grad, ws.grad] + ([bs.grad] if bias else []))
     for a, c in zip(*grads):
         assert a.shape == c.shape and torch.allclose(a, c, atol=1e-4, rtol=1e-4)
+
+
+def test_use_bf16_resolves_auto_and_warns_where_bf16_is_emulated(monkeypatch):
+    """None (precision "auto") follows the hardware; an explicit bf16 on a CPU that emulates it is kept
+    but warned about (a 400x slower matmul there, measured)."""
+    import warnings
+
+    from vlp import layers
+    monkeypatch.setattr(layers, "bf16_is_fast", lambda device_type="cpu": False)
+    assert layers.use_bf16(None) is False and layers.use_bf16(False) is False
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert layers.use_bf16(True) is True
+    monkeypatch.setattr(layers, "bf16_is_fast", lambda device_type="cpu": True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert layers.use_bf16(None) is True and layers.use_bf16(True) is True

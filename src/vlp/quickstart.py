@@ -15,6 +15,19 @@ from pathlib import Path
 from vlp import config as config_lib
 
 PRESET = Path(__file__).parent / "configs" / "emoji-ernie-vil2.toml"
+# The preset's 600 steps take about 10 minutes under bf16 autocast on a CPU with native bf16 (AVX-512
+# bf16 / AMX). Without it a step costs about 3x as much in float32, so the quickstart trains fewer steps
+# there to keep to its ten minutes (docs/results.md, "Machines without native bf16").
+FP32_BUDGET = ("train.steps=200", "train.warmup_steps=30")
+
+
+def quickstart_config(out: str, data: str, overrides: list[str] | tuple = ()) -> tuple[config_lib.Config, tuple]:
+    """The preset, pointed at `data` and `out`, with FP32_BUDGET where this machine has no native bf16;
+    the user's overrides come last and win. -> (config, the budget overrides applied)."""
+    from vlp.layers import bf16_is_fast
+    budget = () if bf16_is_fast() else FP32_BUDGET
+    sets = [f'data.train="{Path(data) / "dataset.json"}"', f'train.out="{out}"', *budget, *overrides]
+    return config_lib.load(PRESET, sets), budget
 
 
 def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides: list[str] | tuple = ()) -> dict:
@@ -31,12 +44,15 @@ def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides
     print(f"[1/4] emoji data in {data}: {counts.get('emoji', '?')} emoji, images: {shown} "
           f"({time.perf_counter() - t0:.0f} s)")
 
-    cfg = config_lib.load(PRESET, [f'data.train="{Path(data) / "dataset.json"}"', f'train.out="{out}"', *overrides])
+    cfg, budget = quickstart_config(out, data, overrides)
     run = Path(out)
     same = (run / "config.toml").is_file() and (run / "config.toml").read_text() == config_lib.dump(cfg)
     print(f"[2/4] pretraining {cfg.model.arch} ({cfg.model.image_encoder} image tower, text tower from "
           f"{cfg.model.text_init or 'scratch'}) for {cfg.train.steps} steps -> {run}"
           + (" (resuming / reusing the finished run)" if same else ""))
+    if budget:
+        print(f"      this CPU has no native bf16 matmuls: float32, {cfg.train.steps} steps instead of the preset's "
+              f"600 to stay within about 10 minutes (--set train.steps=600 for the full run)")
     t1 = time.perf_counter()
     train(cfg, resume=same, overwrite=True)
     train_s = time.perf_counter() - t1
