@@ -18,7 +18,7 @@ PRESET = Path(__file__).parent / "configs" / "emoji-ernie-vil2.toml"
 # The preset's 600 steps take about 10 minutes under bf16 autocast on a CPU with native bf16 (AVX-512
 # bf16 / AMX). Without it a step costs about 3x as much in float32, so the quickstart trains fewer steps
 # there to keep to its ten minutes (docs/results.md, "Machines without native bf16").
-FP32_BUDGET = ("train.steps=200", "train.warmup_steps=30")
+FP32_BUDGET = ("train.steps=180", "train.warmup_steps=30")
 
 
 def quickstart_config(out: str, data: str, overrides: list[str] | tuple = ()) -> tuple[config_lib.Config, tuple]:
