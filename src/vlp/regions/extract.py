@@ -122,9 +122,10 @@ def extract_to_store(classifier_dir: str | Path, records: list[Record] | str | P
     records: Record list, or a manifest path read with `read_records(records, split=split)`. Boxes come
     from `boxes` (image_id -> (K, 4) x1, y1, x2, y2) when given, else from each record's meta["objects"];
     the first `max_regions` are kept. Images run at their own size. crop_encoder: a dual-encoder run whose
-    embedding of each box's crop is appended to the region feature (`crop_embeddings`). bf16: the trunk under bf16
-    autocast (None: where the CPU has native bf16), 2.4x the float32 rate on an AVX-512 bf16 CPU, features at cosine >= 0.999 to float32's (measured on 1,239
-    scene regions). -> counts, seconds, regions/s, skips."""
+    embedding of each box's crop is appended to the region feature (`crop_embeddings`). bf16: the trunk
+    under bf16 autocast (None: where the CPU has native bf16), 2.4x the float32 rate on an AVX-512 bf16
+    CPU, features at cosine >= 0.999 to float32's (measured on 1,239 scene regions). -> counts,
+    seconds, regions/s, skips."""
     bf16 = use_bf16(bf16)
     classifier = load_classifier(classifier_dir)
     encoder, crop_size = load_crop_encoder(crop_encoder) if crop_encoder else (None, 0)
