@@ -16,8 +16,9 @@ from vlp import config as config_lib
 
 PRESET = Path(__file__).parent / "configs" / "emoji-ernie-vil2.toml"
 # The preset's 600 steps take about 10 minutes under bf16 autocast on a CPU with native bf16 (AVX-512
-# bf16 / AMX). Without it a step costs about 3x as much in float32, so the quickstart trains fewer steps
-# there to keep to its ten minutes (docs/results.md, "Machines without native bf16").
+# bf16 / AMX). On an AVX2 CPU without it a float32 step ran at 48 pairs/s against the bf16 machine's 133,
+# so the quickstart trains fewer steps there to keep to its ten minutes (docs/results.md, "Machines
+# without native bf16").
 FP32_BUDGET = ("train.steps=180", "train.warmup_steps=30")
 
 
@@ -51,8 +52,9 @@ def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides
           f"{cfg.model.text_init or 'scratch'}) for {cfg.train.steps} steps -> {run}"
           + (" (resuming / reusing the finished run)" if same else ""))
     if budget:
+        full = config_lib.load(PRESET).train.steps
         print(f"      this CPU has no native bf16 matmuls: float32, {cfg.train.steps} steps instead of the preset's "
-              f"600 to stay within about 10 minutes (--set train.steps=600 for the full run)")
+              f"{full} to stay within about 10 minutes (--set train.steps={full} for the full run)")
     t1 = time.perf_counter()
     train(cfg, resume=same, overwrite=True)
     train_s = time.perf_counter() - t1
