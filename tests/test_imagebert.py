@@ -142,6 +142,34 @@ def test_all_four_losses_train_every_head():
     assert not torch.allclose(model(b2).cls, out.cls)
 
 
+def test_length_groups_equal_one_padded_pass():
+    """encode() runs rows in groups of similar caption length, each trimmed to its longest: the text
+    states at real tokens, the region states and every gradient equal one padded pass over the batch."""
+    model, b = _model().eval(), _batch(torch.Generator().manual_seed(5), B=48, L=14)
+    assert len(set(b.text_mask.sum(1).tolist())) > 4                              # lengths differ: groups trim
+
+    def padded(m):                                                                 # the plain single pass
+        t, r = m.text.embeddings(b.text_ids), m.regions(b.region_feats, b.region_boxes, b.region_mask).x
+        x = m.text.transformer(torch.cat([t, r], 1), torch.cat([b.text_mask, b.region_mask], 1))
+        return x[:, :t.shape[1]], x[:, t.shape[1]:]
+
+    args = (b.text_ids, b.text_mask, b.region_feats, b.region_boxes, b.region_mask)
+    (text, regions), (ref_text, ref_regions) = model.encode(*args, min_rows=8), padded(model)
+    real = b.text_mask
+    torch.testing.assert_close(text[real], ref_text[real], atol=1e-5, rtol=1e-5)
+    assert (text[~real] == 0).all()
+    torch.testing.assert_close(regions[b.region_mask], ref_regions[b.region_mask], atol=1e-5, rtol=1e-5)
+    grads = []
+    for run in (lambda: model.encode(*args, min_rows=8), lambda: padded(model)):
+        model.zero_grad()
+        t, r = run()
+        (t[real].square().sum() + r[b.region_mask].sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_moc_target_is_checked():
     with pytest.raises(ValueError, match="MOC target must be"):
         MaskedObjectClassification("soft")
