@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vlp.eval.rerank import cross_encoder_recall, pair_scorer
+from vlp.eval.rerank import cross_encoder_recall, evaluate_cross_encoder, pair_scorer
 from vlp.metrics import recall_at_k
 
 T2I = torch.tensor([0, 0, 1, 2, 2, 2, 3, 5, 5, 6, 7, 7])        # 12 captions, 8 images, image 4 has none
@@ -118,6 +118,19 @@ def test_vlp_evaluate_a_single_stream_checkpoint(emoji_tiny, regions_tiny, tmp_p
     assert set(KEYS) <= set(rerank) and set(KEYS[:6]) <= set(rerank["first_stage"])
     with pytest.raises(SystemExit, match="--regions"):
         main(["evaluate", str(cross), "--data", str(emoji_tiny), "--split", "test"])
+    # an image without regions in the store is skipped and counted, not silently dropped
+    import dataclasses
+
+    from vlp.data.formats import read_records
+    from vlp.data.regions import RegionStore
+    from vlp.train.checkpoint import load_checkpoint
+    model, tok, cfg = load_checkpoint(cross)
+    records = read_records(emoji_tiny, split="test")[0]
+    lost = dataclasses.replace(records[0], image_id="not-in-the-store")
+    res = evaluate_cross_encoder(model, tok, [lost, *records], RegionStore(regions_tiny), cfg.model.text_max_len,
+                                 progress=False)
+    assert exhaustive["skipped_no_regions"] == 0 and res["skipped_no_regions"] == 1
+    assert {k: res[k] for k in KEYS} == {k: exhaustive[k] for k in KEYS}
 
 
 def test_memoized_scorer_scores_each_pair_once():

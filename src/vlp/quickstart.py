@@ -84,6 +84,14 @@ RETRIEVAL = Path(__file__).parent / "configs" / "emoji-imagebert-retrieval.toml"
 DUAL = ("train.steps=300", "train.warmup_steps=30", "train.lr=1e-3", "train.batch_size=64", "model.image_size=96")
 CLASSIFIER = {"steps": 400, "batch_size": 64, "words": True, "stem": "half"}     # `vlp regions train` settings (docs/results.md)
 FUSE = (0.5, 1.0, 2.0, 4.0, 8.0)     # weights W of sigmoid(ITM) + W * cosine (BLIP-style) tried on the val scenes
+# Where bf16 is not native, float32 steps run at a quarter to a third of the bf16 machine's rate (region classifier
+# 1.53 s against 0.41, scenes stage 1.54 s after length grouping, first-stage dual encoder 2.9 s against 0.93):
+# these step counts keep the whole path near its 30 minutes there (docs/results.md, "Machines without native bf16").
+IMAGEBERT_FP32_BUDGET = {"classifier": {"steps": 200},
+                         "pretrain": ("stages.emoji.train.steps=50", "stages.scenes.train.steps=300"),
+                         "finetune": ("train.steps=200",),
+                         "dual": ("train.steps=60", "train.warmup_steps=10"),
+                         "exhaustive_limit": 50}
 
 
 def _same_config(run: Path, cfg, name: str = "config.toml") -> bool:
@@ -100,7 +108,7 @@ def _checkpoint_or_none(path: str) -> str | None:
 
 
 def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "data/emoji", n_scenes: int = 10000,
-                         rerank_k: int = 16, eval_limit: int = 400, exhaustive_limit: int = 100, val_limit: int = 200,
+                         rerank_k: int = 16, eval_limit: int = 400, exhaustive_limit: int | None = None, val_limit: int = 200,
                          dual_init: str = "runs/quickstart", crop_encoder: str = "runs/quickstart", overrides: list[str] | tuple = (),
                          classifier: dict | None = None, finetune_overrides: list[str] | tuple = (),
                          dual_overrides: list[str] | tuple = (), scenes: str | None = None) -> dict:
@@ -109,7 +117,9 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
     retrieval fine-tuning -> first-stage dual encoder on the scenes -> dual-only vs reranked retrieval on
     the first `eval_limit` scenes of the test split -> `out/eval_test.json` with `dual`, `rerank` (ITM alone,
     the paper), `rerank_fused` (sigmoid(ITM) + W * cosine, W chosen on the first `val_limit` val scenes,
-    `fuse_selection`) and `exhaustive` (every pair of the first `exhaustive_limit` scenes) sections. The dual encoder fine-tunes
+    `fuse_selection`) and `exhaustive` (every pair of the first `exhaustive_limit` scenes: 100, or 50 under the
+    float32 budget) sections. Only the scenes it trains and evaluates on get region features. Where the CPU has no
+    native bf16, IMAGEBERT_FP32_BUDGET's step counts apply (the arguments and overrides given still win). The dual encoder fine-tunes
     the ERNIE-ViL 2.0 quickstart's model when `dual_init` holds one, else it trains from scratch; the region
     features carry the `crop_encoder` dual encoder's embedding of each box's crop when it holds a checkpoint
     (by default the same quickstart model), else the classifier's features alone.
@@ -131,6 +141,14 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
 
     t0, run, seconds = time.perf_counter(), Path(out), {}
     fast = bf16_is_fast()      # bf16 pair scoring where the CPU has native bf16 (about 2x), float32 elsewhere
+    budget = {} if fast else IMAGEBERT_FP32_BUDGET
+    if budget:
+        print("this CPU has no native bf16 matmuls: float32 with fewer steps to stay near 30 minutes "
+              "(quickstart.IMAGEBERT_FP32_BUDGET; --set overrides the pretraining steps)")
+    overrides = [*budget.get("pretrain", ()), *overrides]
+    finetune_overrides = [*budget.get("finetune", ()), *finetune_overrides]
+    dual_overrides = [*budget.get("dual", ()), *dual_overrides]
+    exhaustive_limit = exhaustive_limit or budget.get("exhaustive_limit", 100)
     emoji_json = Path(data) / "dataset.json"
     scenes_dir = Path(scenes) if scenes else Path(data).parent / "scenes"
 
@@ -149,7 +167,7 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
     clf_dir = run / "regions" / "classifier"
     info_path = clf_dir / CLASSIFIER_JSON
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    clf = {**CLASSIFIER, **(classifier or {})}
+    clf = {**CLASSIFIER, **budget.get("classifier", {}), **(classifier or {})}
     fresh = not (info.get("data") == str(emoji_json) and bool(info.get("words")) == clf["words"]
                  and all(info.get(k) == v for k, v in clf.items() if k != "words"))
     if fresh:
@@ -169,8 +187,11 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
     rebuilt = False
     for name, store in stores.items():
         manifest = emoji_json if name == "emoji" else scenes_dir / "dataset.json"
-        keep = ("train",) if name == "emoji" else ("train", "val", "test")
-        records = [r for r in read_records(manifest)[0] if r.split in keep]
+        every = read_records(manifest)[0]
+        split = {s: [r for r in every if r.split == s and r.captions] for s in ("train", "val", "test")}
+        # the emoji stage trains on the train emoji; the scenes: all train ones, and the val / test ones evaluated below
+        records = split["train"] if name == "emoji" else [
+            *split["train"], *split["val"][:val_limit], *split["test"][:max(eval_limit, exhaustive_limit)]]
         if (not fresh and (store / "index.json").exists() and RegionStore(store).info.get("crop_encoder") == (crops or "")
                 and all(r.image_id in RegionStore(store) for r in records)):
             continue

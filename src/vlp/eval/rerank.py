@@ -154,9 +154,12 @@ def evaluate_cross_encoder(model, tokenizer, records: list, store, max_len: int,
     from vlp.data.pairs import decode_images
     from vlp.eval.retrieval import embed_images, embed_texts
     model.eval()
-    kept = [r for r in records if r.image_id in store and r.captions][:limit]
+    chosen = [r for r in records if r.captions][:limit]
+    kept = [r for r in chosen if r.image_id in store]
     if not kept:
         raise ValueError("no evaluated record has regions in the store and a caption")
+    if missing := len(chosen) - len(kept):          # skipped and counted, never silently
+        print(f"warning: {missing} of {len(chosen)} evaluated images have no regions in {getattr(store, 'path', 'the store')}: skipped")
     caps = [(c, i) for i, r in enumerate(kept) for c in r.captions]
     ids, mask = tokenizer.encode([c for c, _ in caps], max_len)
     feats, boxes, rmask = _region_tensors(store, [r.image_id for r in kept])
@@ -178,4 +181,5 @@ def evaluate_cross_encoder(model, tokenizer, records: list, store, max_len: int,
             res[f"fused_{w:g}"] = cross_encoder_recall(score, t2i, k=k, text_emb=te, image_emb=ie, progress=progress,
                                                        fuse=w)
         res["first_stage"] = recall_at_k(te @ ie.t(), t2i)          # the dual encoder alone, same queries
+    res["skipped_no_regions"] = missing
     return res
