@@ -121,6 +121,16 @@ def test_ensure_uses_an_existing_dataset_whatever_its_settings(built, monkeypatc
     assert (out / "dataset.json").stat().st_mtime_ns == stamp
 
 
+def test_ensure_rebuilds_an_older_builders_dataset_with_its_settings(tmp_path, monkeypatch):
+    out = tmp_path / "emoji"
+    em.build_emoji(out, size=SIZE, limit=6, progress=False)
+    monkeypatch.setattr(em, "BUILDER_VERSION", em.BUILDER_VERSION + 1)       # this vlp writes a newer version
+    counts, built = em.ensure_emoji(out, progress=False)
+    assert built and counts["settings"]["builder"] == em.BUILDER_VERSION
+    assert (counts["settings"]["size"], counts["settings"]["limit"]) == (SIZE, 6)
+    assert em.ensure_emoji(out, progress=False) == (counts, False)           # current now: used as it is
+
+
 def test_interrupted_build_leaves_the_old_dataset_and_no_debris(tmp_path, monkeypatch):
     out = tmp_path / "emoji"
     em.build_emoji(out, size=SIZE, limit=5, progress=False)

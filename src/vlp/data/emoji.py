@@ -200,11 +200,18 @@ def build_emoji(out: str | Path, size: int = 64, seed: int = 0, val_frac: float 
 
 def ensure_emoji(out: str | Path, progress: bool = True) -> tuple[dict, bool]:
     """-> (counts, built now?). An emoji dataset vlp already built in `out` is used as it is, whatever
-    its size or limit (a user's `vlp data emoji --size 96`, a test's tiny set); a missing one is built
-    with the defaults. What the quickstarts call: they never rebuild a dataset they were pointed to."""
+    its size or limit (a user's `vlp data emoji --size 96`, a test's tiny set); one written by an older
+    builder is rebuilt with its own size, split and limit; a missing one is built with the defaults.
+    What the quickstarts call: they never replace the settings of a dataset they were pointed to."""
     stored = stored_counts(Path(out))
-    if stored is not None and "builder" in stored.get("settings", {}) and (Path(out) / "dataset.json").is_file():
-        return stored, False
+    settings = (stored or {}).get("settings", {})
+    if stored is not None and "builder" in settings and (Path(out) / "dataset.json").is_file():
+        if settings["builder"] == BUILDER_VERSION:
+            return stored, False
+        print(f"{out} was built by emoji builder version {settings['builder']}, this vlp writes version "
+              f"{BUILDER_VERSION}: rebuilding it with the same size, split and limit")
+        same = {k: settings[k] for k in ("size", "seed", "val_frac", "test_frac", "limit") if k in settings}
+        return build_emoji(out, progress=progress, **same), True
     return build_emoji(out, progress=progress), True
 
 
