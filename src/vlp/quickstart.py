@@ -81,15 +81,17 @@ def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides
 IMAGEBERT = Path(__file__).parent / "configs" / "emoji-imagebert.toml"
 RETRIEVAL = Path(__file__).parent / "configs" / "emoji-imagebert-retrieval.toml"
 # first-stage dual encoder on the scenes: at 96 px (at 64 px a scene's objects shrink to 11-25 px), batch 64
-DUAL = ("train.steps=300", "train.warmup_steps=30", "train.lr=1e-3", "train.batch_size=64", "model.image_size=96")
+# (no periodic val evaluation: the quickstart evaluates the dual encoder itself, on the test scenes)
+DUAL = ("train.steps=300", "train.warmup_steps=30", "train.lr=1e-3", "train.batch_size=64", "model.image_size=96",
+        'data.eval_split=""')
 CLASSIFIER = {"steps": 400, "batch_size": 64, "words": True, "stem": "half"}     # `vlp regions train` settings (docs/results.md)
 FUSE = (0.5, 1.0, 2.0, 4.0, 8.0)     # weights W of sigmoid(ITM) + W * cosine (BLIP-style) tried on the val scenes
 # Where bf16 is not native, float32 steps run at a quarter to a third of the bf16 machine's rate (region classifier
-# 1.53 s against 0.41, scenes stage 1.54 s after length grouping, first-stage dual encoder 2.9 s against 0.93):
-# these step counts keep the whole path near its 30 minutes there (docs/results.md, "Machines without native bf16").
-IMAGEBERT_FP32_BUDGET = {"classifier": {"steps": 200},
+# 1.55 s against 0.41, scenes stage 1.8 s after length grouping, first-stage dual encoder 3.0 s against 0.93):
+# these step counts keep the whole path within its 30 minutes there (docs/results.md, "Machines without native bf16").
+IMAGEBERT_FP32_BUDGET = {"classifier": {"steps": 150},
                          "pretrain": ("stages.emoji.train.steps=50", "stages.scenes.train.steps=300"),
-                         "finetune": ("train.steps=200",),
+                         "finetune": ("train.steps=180",),
                          "dual": ("train.steps=60", "train.warmup_steps=10"),
                          "exhaustive_limit": 50}
 
