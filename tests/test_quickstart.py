@@ -61,3 +61,20 @@ def test_ernie_quickstart_trains_fewer_steps_without_native_bf16(monkeypatch):
     cfg, budget = quickstart_config("runs/q", "data/emoji")
     assert budget == FP32_BUDGET and cfg.train.steps == int(FP32_BUDGET[0].split("=")[1]) < full
     assert quickstart_config("runs/q", "data/emoji", ["train.steps=7"])[0].train.steps == 7
+
+
+def test_imagebert_quickstart_budget_without_native_bf16():
+    """Without native bf16 the ImageBERT quickstart trains IMAGEBERT_FP32_BUDGET's steps; with it the presets' own;
+    what the caller passes wins in both."""
+    from vlp import config
+    from vlp.quickstart import CLASSIFIER, IMAGEBERT, IMAGEBERT_FP32_BUDGET, imagebert_settings
+    assert imagebert_settings(True) == (CLASSIFIER, [], [], [], 100)
+    clf, pre, ft, dual, limit = imagebert_settings(False)
+    assert clf["steps"] == IMAGEBERT_FP32_BUDGET["classifier"]["steps"] < CLASSIFIER["steps"] and limit == 50
+    full, cut = config.load(IMAGEBERT), config.load(IMAGEBERT, pre)
+    assert all(c["train"]["steps"] < f["train"]["steps"] for c, f in zip(cut.stages, full.stages))
+    assert ft == list(IMAGEBERT_FP32_BUDGET["finetune"]) and dual == list(IMAGEBERT_FP32_BUDGET["dual"])
+    clf, pre, ft, dual, limit = imagebert_settings(False, {"steps": 3}, ["stages.scenes.train.steps=7"],
+                                                   ["train.steps=5"], ["train.steps=4"], 9)
+    assert clf["steps"] == 3 and limit == 9 and config.load(IMAGEBERT, pre).stages[-1]["train"]["steps"] == 7
+    assert ft[-1] == "train.steps=5" and dual[-1] == "train.steps=4"

@@ -96,6 +96,16 @@ IMAGEBERT_FP32_BUDGET = {"classifier": {"steps": 150},
                          "exhaustive_limit": 50}
 
 
+def imagebert_settings(fast: bool, classifier: dict | None = None, overrides=(), finetune_overrides=(), dual_overrides=(),
+                       exhaustive_limit: int | None = None) -> tuple[dict, list, list, list, int]:
+    """The ImageBERT quickstart's classifier settings, pretraining / fine-tuning / dual-encoder overrides and
+    exhaustive limit: IMAGEBERT_FP32_BUDGET's where bf16 is not `fast`, the caller's values always winning."""
+    budget = {} if fast else IMAGEBERT_FP32_BUDGET
+    return ({**CLASSIFIER, **budget.get("classifier", {}), **(classifier or {})},
+            [*budget.get("pretrain", ()), *overrides], [*budget.get("finetune", ()), *finetune_overrides],
+            [*budget.get("dual", ()), *dual_overrides], exhaustive_limit or budget.get("exhaustive_limit", 100))
+
+
 def _same_config(run: Path, cfg, name: str = "config.toml") -> bool:
     return (run / name).is_file() and (run / name).read_text() == config_lib.dump(cfg)
 
@@ -143,14 +153,11 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
 
     t0, run, seconds = time.perf_counter(), Path(out), {}
     fast = bf16_is_fast()      # bf16 pair scoring where the CPU has native bf16 (about 2x), float32 elsewhere
-    budget = {} if fast else IMAGEBERT_FP32_BUDGET
-    if budget:
-        print("this CPU has no native bf16 matmuls: float32 with fewer steps to stay near 30 minutes "
+    if not fast:
+        print("this CPU has no native bf16 matmuls: float32 with fewer steps to stay within 30 minutes "
               "(quickstart.IMAGEBERT_FP32_BUDGET; --set overrides the pretraining steps)")
-    overrides = [*budget.get("pretrain", ()), *overrides]
-    finetune_overrides = [*budget.get("finetune", ()), *finetune_overrides]
-    dual_overrides = [*budget.get("dual", ()), *dual_overrides]
-    exhaustive_limit = exhaustive_limit or budget.get("exhaustive_limit", 100)
+    settings = imagebert_settings(fast, classifier, overrides, finetune_overrides, dual_overrides, exhaustive_limit)
+    clf, overrides, finetune_overrides, dual_overrides, exhaustive_limit = settings
     emoji_json = Path(data) / "dataset.json"
     scenes_dir = Path(scenes) if scenes else Path(data).parent / "scenes"
 
@@ -169,7 +176,6 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
     clf_dir = run / "regions" / "classifier"
     info_path = clf_dir / CLASSIFIER_JSON
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    clf = {**CLASSIFIER, **budget.get("classifier", {}), **(classifier or {})}
     fresh = not (info.get("data") == str(emoji_json) and bool(info.get("words")) == clf["words"]
                  and all(info.get(k) == v for k, v in clf.items() if k != "words"))
     if fresh:
