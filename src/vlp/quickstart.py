@@ -130,9 +130,9 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
     the first `eval_limit` scenes of the test split -> `out/eval_test.json` with `dual`, `rerank` (ITM alone,
     the paper), `rerank_fused` (sigmoid(ITM) + W * cosine, W chosen on the first `val_limit` val scenes,
     `fuse_selection`) and `exhaustive` (every pair of the first `exhaustive_limit` scenes: 100, or 50 under the
-    float32 budget) sections. Only the scenes it trains and evaluates on get region features. Where the CPU has no
-    native bf16, IMAGEBERT_FP32_BUDGET's step counts apply (the arguments and overrides given still win). The dual encoder fine-tunes
-    the ERNIE-ViL 2.0 quickstart's model when `dual_init` holds one, else it trains from scratch; the region
+    float32 budget) sections. Only the scenes it trains and evaluates on get region features. Where the CPU has
+    no native bf16, IMAGEBERT_FP32_BUDGET's step counts apply (the arguments and overrides given still win).
+    The dual encoder fine-tunes the ERNIE-ViL 2.0 quickstart's model when `dual_init` holds one, else it trains from scratch; the region
     features carry the `crop_encoder` dual encoder's embedding of each box's crop when it holds a checkpoint
     (by default the same quickstart model), else the classifier's features alone.
     overrides (`--set`) apply to the pretraining config; classifier (`vlp regions train` settings),

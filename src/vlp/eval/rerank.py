@@ -159,7 +159,8 @@ def evaluate_cross_encoder(model, tokenizer, records: list, store, max_len: int,
     if not kept:
         raise ValueError("no evaluated record has regions in the store and a caption")
     if missing := len(chosen) - len(kept):          # skipped and counted, never silently
-        print(f"warning: {missing} of {len(chosen)} evaluated images have no regions in {getattr(store, 'path', 'the store')}: skipped")
+        where = getattr(store, "path", "the store")
+        print(f"warning: {missing} of {len(chosen)} evaluated images have no regions in {where}: skipped")
     caps = [(c, i) for i, r in enumerate(kept) for c in r.captions]
     ids, mask = tokenizer.encode([c for c, _ in caps], max_len)
     feats, boxes, rmask = _region_tensors(store, [r.image_id for r in kept])
