@@ -281,6 +281,14 @@ class Transformer(nn.Module):
         return x
 
 
+def length_groups(lengths: Tensor, groups: int = 4, min_rows: int = 16) -> tuple[tuple[Tensor, ...], Tensor]:
+    """Rows by sequence length (n,) -> (up to `groups` index tensors of rows of similar length, at least
+    `min_rows` each; the permutation that puts the concatenated groups back in row order). Each group can
+    run trimmed to its own longest row: the padding a batch of mixed lengths would compute is skipped."""
+    order = torch.argsort(lengths, stable=True)
+    return order.tensor_split(max(1, min(groups, len(lengths) // min_rows))), torch.argsort(order)
+
+
 def check_mask(x: Tensor, mask: Tensor) -> None:
     """Raise a clear error for a mask of the wrong shape/dtype or a row with no real token
     (attention over nothing is NaN, which would otherwise surface far away in the loss)."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlp.layers import Tokens
+from vlp.layers import Tokens, length_groups
 
 
 class DualOutput(NamedTuple):
@@ -124,13 +124,12 @@ class DualEncoder(nn.Module):
         inference mode treats rows independently, and the emoji's Chinese names (8.5 tokens on average,
         batches padded to 19) then cost about half the padded products."""
         lengths = mask[sel].sum(1)                                             # (n,)
-        order = torch.argsort(lengths, stable=True)
-        chunks = order.tensor_split(max(1, min(buckets, len(sel) // min_rows)))
+        chunks, back = length_groups(lengths, buckets, min_rows)
         pooled = []
         for chunk in chunks:
             rows, n = sel[chunk], int(lengths[chunk].max())
             pooled.append(mean_pool(self.text(ids[rows, :n], mask[rows, :n])))   # (c, W)
-        return torch.cat(pooled)[torch.argsort(order)]                         # back to the order of `sel`
+        return torch.cat(pooled)[back]                                         # back to the order of `sel`
 
     def encode_image(self, images: Tensor) -> Tensor:
         """images: (B, 3, H, W) normalised floats -> (B, D) unit vectors."""
