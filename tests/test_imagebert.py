@@ -1,4 +1,6 @@
 """ImageBERT pieces: masking functions, region embedding, the single-stream model and its four losses."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -220,6 +222,24 @@ def test_pair_collator_rows_negatives_and_masks(tok):
     assert torch.equal(again.text_ids, b.text_ids) and torch.equal(again.region_feats, b.region_feats)
     with pytest.raises(ValueError, match="at least two groups"):
         PairCollator(tok, 16)([dict(s, group=0) for s in samples])
+
+
+def test_pair_collator_clean_itm(tok):
+    """clean_itm: the rows ITM scores are the unmasked rows of the plain collator; a masked copy of each
+    matched pair follows them, the only rows with masked-task targets, and ITM leaves those out."""
+    from vlp.data.collate import PairCollator
+    samples = _samples()
+    b = PairCollator(tok, 16, negatives=3, mask=True, seed=1, clean_itm=True)(samples)
+    plain = PairCollator(tok, 16, negatives=3, mask=False, seed=1)(samples)
+    assert len(b) == 6 * 4 + 6 and b.itm_rows.tolist() == [True] * 24 + [False] * 6 and b.pairs() == 6
+    assert torch.equal(b.text_ids[:24], plain.text_ids) and torch.equal(b.region_feats[:24], plain.region_feats)
+    assert not (b.mlm_labels[:24] != IGNORE).any() and not b.region_targets[:24].any()
+    assert (b.mlm_labels[24:] != IGNORE).any() and b.region_targets[24:].any() and (b.itm_label[24:] == 1).all()
+    torch.testing.assert_close(b.region_orig[24:], plain.region_feats[::4])      # the copies are the matched pairs
+    assert not torch.equal(b.text_ids[24:], plain.text_ids[::4])                 # ... masked
+    logit = torch.randn(len(b))
+    loss = ImageTextMatching()(SimpleNamespace(itm_logit=logit), b)
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logit[:24], plain.itm_label))
 
 
 def test_pair_collator_hard_negatives(tok):

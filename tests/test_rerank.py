@@ -116,6 +116,9 @@ def test_vlp_evaluate_a_single_stream_checkpoint(emoji_tiny, regions_tiny, tmp_p
     assert exhaustive["pairs_scored"] == exhaustive["n_texts"] * n_img and n_img > 4
     assert rerank["pairs_scored"] == 4 * (rerank["n_texts"] + n_img)
     assert set(KEYS) <= set(rerank) and set(KEYS[:6]) <= set(rerank["first_stage"])
+    main(["evaluate", str(dual), "--data", str(emoji_tiny), "--split", "test", "--limit", "3",     # a dual encoder:
+          "--out", str(tmp_path / "de.json")])                                                    # --limit holds too
+    assert json.loads((tmp_path / "de.json").read_text())["n_images"] == 3 < n_img
     with pytest.raises(SystemExit, match="--regions"):
         main(["evaluate", str(cross), "--data", str(emoji_tiny), "--split", "test"])
     # an image without regions in the store is skipped and counted, not silently dropped

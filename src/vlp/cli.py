@@ -110,6 +110,8 @@ def cmd_evaluate(args) -> None:
                                      k=args.rerank_k, first_stage=first, limit=args.limit, batch_size=args.batch_size,
                                      fuse=args.fuse, bf16=args.bf16)
     else:
+        if args.limit:                  # the same images as a single-stream evaluation with this limit
+            records = [r for r in records if r.captions][:args.limit]
         res = evaluate(model, tok, records, image_size=cfg.model.image_size, max_len=cfg.model.text_max_len,
                        lang=args.lang, batch_size=args.batch_size, by=args.by)
     res["checkpoint"], res["data"], res["split"] = str(args.ckpt), str(args.data), args.split
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--fuse", type=float, nargs="+", default=[0.0], metavar="W",
                     help="rerank by sigmoid(ITM) + W * first-stage cosine (0 = ITM alone, the paper; several W: "
                          "one result each)")
-    ev.add_argument("--limit", type=int, help="evaluate the first N images only (exhaustive scoring is slow)")
+    ev.add_argument("--limit", type=int, help="evaluate the first N images with captions only (exhaustive scoring is slow)")
     ev.add_argument("--bf16", action="store_true", help="single-stream scoring under bf16 autocast (about 2x faster on CPUs with native bf16)")
     ev.add_argument("--out", help="write the metrics JSON here")
     ev.set_defaults(fn=cmd_evaluate)

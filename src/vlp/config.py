@@ -72,6 +72,8 @@ class DataConfig:
     hard_from: str = "tfidf"          # nearest by caption TF-IDF, or by a dual-encoder checkpoint's text->image scores
     hard_pool: int = 30               # how many nearest records per image form its hard pool (InterBERT: 30)
     hard_max_sim: float = 0.5         # tfidf: neighbours this similar or more are left out (likely false negatives)
+    itm_clean: bool = False           # imagebert pretraining: ITM scores unmasked rows, each matched pair also
+                                      # enters once masked for MLM / MOC / MRFR (UNITER's split); false: one masked pass
 
 
 @dataclass

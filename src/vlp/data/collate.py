@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from vlp.data.masking import mask_regions, mask_tokens
+from vlp.data.masking import IGNORE, mask_regions, mask_tokens
 from vlp.data.transforms import normalize
 
 
@@ -33,6 +33,7 @@ class Batch:
     region_targets: Tensor | None = None  # (B, R) bool: masked regions with a loss (matched pairs only)
     mlm_labels: Tensor | None = None      # (B, L) long original ids at masked tokens, -100 elsewhere
     itm_label: Tensor | None = None       # (B,) float: 1 = matched pair, 0 = a sampled negative
+    itm_rows: Tensor | None = None        # (B,) bool: the rows ITM scores (None: all; `PairCollator(clean_itm=True)`)
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: (v.to(device, non_blocking=True) if isinstance(v := getattr(self, f.name), Tensor)
@@ -43,7 +44,9 @@ class Batch:
 
     def pairs(self) -> int:
         """Matched image-text pairs in the batch (rows minus sampled negatives)."""
-        return len(self) if self.itm_label is None else int(self.itm_label.sum())
+        if self.itm_label is None:
+            return len(self)
+        return int(self.itm_label.sum() if self.itm_rows is None else self.itm_label[self.itm_rows].sum())
 
 
 class Collator:
@@ -77,14 +80,17 @@ class PairCollator:
     random caption per image), so rows come as [match, negatives...] per sample: the layout the
     retrieval fine-tuning losses read. With `mask=True` (pretraining) every row is masked
     (`vlp.data.masking`) and the masked-position targets are kept on the matched rows only.
+    With `clean_itm=True` as well, those rows stay unmasked for ITM (`Batch.itm_rows`) and a masked copy of
+    each matched pair follows them all, for the masked tasks alone (UNITER's split of the tasks: ITM never
+    sees a caption whose object word is masked or a scene whose object is zeroed); 1.5x the rows.
     With `hard` > 0, each negative row is, with that probability, drawn from the sample's "hard"
     neighbours (`RegionPairDataset(hard_pool=...)`, captions alike by TF-IDF) instead of the batch.
     """
 
     def __init__(self, tokenizer, max_len: int, negatives: int = 1, mask: bool = True, seed: int = 0,
-                 hard: float = 0.0):
+                 hard: float = 0.0, clean_itm: bool = False):
         self.tok, self.max_len, self.negatives, self.mask, self.seed = tokenizer, max_len, negatives, mask, seed
-        self.hard = hard
+        self.hard, self.clean_itm = hard, clean_itm and mask
 
     @staticmethod
     def _other(i: int, groups: list[int], gen: torch.Generator) -> int:
@@ -111,6 +117,9 @@ class PairCollator:
                 else:
                     j = self._other(i, groups, gen)
                 rows.append((j, i, False) if k % 2 == 0 else (i, j, False))
+        n_clean = len(rows)
+        if self.clean_itm:                                # the masked copies of the matched pairs, last
+            rows += [(i, i, True) for i in range(len(samples))]
         ids, mask = self.tok.encode([pool[t]["text"] for t, _, _ in rows], self.max_len)
         regs = [pool[r] for _, r, _ in rows]
         K = max(len(s["feats"]) for s in regs)
@@ -126,12 +135,20 @@ class PairCollator:
         if all(s.get("probs") is not None for s in regs):
             b.region_probs = pad("probs")
         if self.mask:
-            b.text_ids, b.mlm_labels = mask_tokens(ids, mask, mask_id=self.tok.mask_id, vocab_size=self.tok.vocab_size,
-                                                   special_ids=sorted({self.tok.pad_id, self.tok.unk_id, self.tok.cls_id,
-                                                                       self.tok.sep_id, self.tok.mask_id}),
-                                                   rows=matched, gen=gen)
-            b.region_orig = b.region_feats
-            b.region_feats, b.region_targets = mask_regions(b.region_feats, region_mask, rows=matched, gen=gen)
+            # joint (the default): every row masked alike, so ITM cannot tell a pair by its masks; clean_itm: only
+            # the copies are masked and ITM never sees them
+            at = slice(n_clean, None) if self.clean_itm else slice(None)
+            special = sorted({self.tok.pad_id, self.tok.unk_id, self.tok.cls_id, self.tok.sep_id, self.tok.mask_id})
+            b.text_ids, b.mlm_labels = ids.clone(), torch.full_like(ids, IGNORE)
+            b.text_ids[at], b.mlm_labels[at] = mask_tokens(ids[at], mask[at], mask_id=self.tok.mask_id,
+                                                           vocab_size=self.tok.vocab_size, special_ids=special,
+                                                           rows=matched[at], gen=gen)
+            b.region_orig, feats = b.region_feats, b.region_feats.clone()
+            b.region_targets = torch.zeros_like(region_mask)
+            feats[at], b.region_targets[at] = mask_regions(b.region_feats[at], region_mask[at], rows=matched[at], gen=gen)
+            b.region_feats = feats
+            if self.clean_itm:
+                b.itm_rows = torch.arange(len(rows)) < n_clean
         return b
 
 

@@ -13,7 +13,10 @@ from torch import Tensor, nn
 
 class ImageTextMatching(nn.Module):
     def forward(self, out, batch) -> Tensor:
-        return F.binary_cross_entropy_with_logits(out.itm_logit.float(), batch.itm_label.float())
+        logit, label = out.itm_logit.float(), batch.itm_label.float()
+        if batch.itm_rows is not None:                  # clean rows only (the masked copies serve the masked tasks)
+            logit, label = logit[batch.itm_rows], label[batch.itm_rows]
+        return F.binary_cross_entropy_with_logits(logit, label)
 
 
 class RetrievalFinetune(nn.Module):

@@ -109,7 +109,7 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
                                                  d.hard_max_sim, progress=progress)
         masked = any(cfg.objectives.get(name, 0) > 0 for name in MASKED)
         collate = PairCollator(tokenizer, cfg.model.text_max_len, negatives=d.negatives, mask=masked,
-                               seed=t.seed, hard=d.hard_negatives)
+                               seed=t.seed, hard=d.hard_negatives, clean_itm=d.itm_clean)
     else:
         dataset = PairDataset(records, cfg.model.image_size, group_key=group_key, augment=cfg.data.augment,
                               crop_scale=cfg.data.crop_scale, seed=t.seed, report=report, progress=progress)
