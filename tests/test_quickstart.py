@@ -70,7 +70,7 @@ def test_imagebert_quickstart_budget_without_native_bf16():
     from vlp.quickstart import CLASSIFIER, IMAGEBERT, IMAGEBERT_FP32_BUDGET, imagebert_settings
     assert imagebert_settings(True) == (CLASSIFIER, [], [], [], 100)
     clf, pre, ft, dual, limit = imagebert_settings(False)
-    assert clf["steps"] == IMAGEBERT_FP32_BUDGET["classifier"]["steps"] < CLASSIFIER["steps"] and limit == 50
+    assert clf["steps"] == IMAGEBERT_FP32_BUDGET["classifier"]["steps"] < CLASSIFIER["steps"] and limit == 40
     full, cut = config.load(IMAGEBERT), config.load(IMAGEBERT, pre)
     assert all(c["train"]["steps"] < f["train"]["steps"] for c, f in zip(cut.stages, full.stages))
     assert ft == list(IMAGEBERT_FP32_BUDGET["finetune"]) and dual == list(IMAGEBERT_FP32_BUDGET["dual"])
