@@ -61,9 +61,9 @@ class DualEncoder(nn.Module):
         of the checkpoint's own tokens), as LiT does; training then looks them up instead of running
         the tower. ids, mask: (N, L) as the collator makes them. Returns how many were cached.
 
-        Each caption is computed once, in fixed chunks of similar length (each trimmed to its longest), so
-        an interrupted and resumed run sees the same features as an uninterrupted one. Call it under the training's autocast. At most `limit`
-        captions are cached (about 0.4 GB in bfloat16 at width 384); the rest run the tower.
+        Each caption is computed once, in fixed chunks of similar length (each trimmed to its longest),
+        so an interrupted and resumed run sees the same features as an uninterrupted one. Call it under
+        the training's autocast. At most `limit` captions are cached (about 0.4 GB in bfloat16 at width 384); the rest run the tower.
         """
         if not getattr(self.text, "locked", False):
             return 0

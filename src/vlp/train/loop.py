@@ -108,6 +108,8 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
             dataset.neighbours = mine_neighbours(dataset.records, dataset.group_ids, d.hard_from, d.hard_pool,
                                                  d.hard_max_sim, progress=progress)
         masked = any(cfg.objectives.get(name, 0) > 0 for name in MASKED)
+        if d.itm_clean and not masked:
+            log.info("warning: data.itm_clean has no effect without a masked objective (nothing is masked)")
         collate = PairCollator(tokenizer, cfg.model.text_max_len, negatives=d.negatives, mask=masked,
                                seed=t.seed, hard=d.hard_negatives, clean_itm=d.itm_clean)
     else:
