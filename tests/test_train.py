@@ -109,3 +109,15 @@ def test_every_preset_tiny_forward_backward(preset, emoji_tiny, regions_tiny, tm
     else:
         assert any("t2i_r1" in r for r in rows)
     assert (run / "config.toml").is_file() and ckpt.resolve(run).name == "step_2"
+
+
+def test_train_limit_keeps_the_first_records_of_the_train_split_only(emoji_tiny, tmp_path):
+    from vlp.data.formats import SkipReport
+    every = loop.prepare_data(tiny_cfg(emoji_tiny, tmp_path / "a"), "train", SkipReport())
+    cfg = tiny_cfg(emoji_tiny, tmp_path / "b", **{"data.train_limit": 5, "data.eval_split": '"val"'})
+    assert [r.image_id for r in loop.prepare_data(cfg, "train", SkipReport())] == [r.image_id for r in every[:5]]
+    assert len(loop.prepare_data(cfg, "val", SkipReport())) > 0           # other splits are not cut
+    assert len(loop.prepare_data(cfg, "val", SkipReport())) == len(
+        loop.prepare_data(tiny_cfg(emoji_tiny, tmp_path / "c"), "val", SkipReport()))
+    with pytest.raises(config.ConfigError, match="train_limit must be >= 0"):
+        tiny_cfg(emoji_tiny, tmp_path / "d", **{"data.train_limit": -1})

@@ -58,6 +58,7 @@ class DataConfig:
     image_root: str = ""              # folder image paths are relative to ("" = the manifest's folder)
     eval: str = ""                    # evaluation manifest ("" = the training manifest)
     train_split: str = "train"
+    train_limit: int = 0              # train on the first N records of the train split (0 = all)
     eval_split: str = "val"           # split evaluated during training ("" = none)
     lang: str = ""                    # keep captions of one language only ("" = all)
     build_emoji: bool = True          # build data/emoji first if `train` points there and it is missing
@@ -265,6 +266,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"objectives.{name}: weight must be >= 0, got {weight}")
     if not any(w > 0 for w in cfg.objectives.values()):
         raise ConfigError("no objective has a positive weight")
+    if cfg.data.train_limit < 0:
+        raise ConfigError(f"data.train_limit must be >= 0 (0 = every record), got {cfg.data.train_limit}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -49,6 +49,8 @@ def prepare_data(cfg: config_lib.Config, split: str, report: SkipReport, progres
     report.merge(skipped)
     if not records:
         raise ValueError(f"no usable records for split {split!r} in {manifest} ({skipped.summary()})")
+    if split == cfg.data.train_split and cfg.data.train_limit:
+        records = records[:cfg.data.train_limit]
     return records
 
 
