@@ -32,7 +32,7 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
     assert sel["fused_t2i_r1"][f"{sel['weight']:g}"] == max(sel["fused_t2i_r1"].values())
     assert res["exhaustive"]["mode"] == "exhaustive" and res["exhaustive"]["limit"] == 5
     assert res["rerank"]["n_texts"] == res["dual"]["n_texts"] > 0
-    assert res["region_dim"] == 512 + 64 and res["crop_encoder"].startswith(str(crops))   # RoI feature + crop embedding
+    assert res["region_dim"] == 64 and res["crop_encoder"].startswith(str(crops))   # the crop embedding alone
     for run in ("imagebert", "imagebert/stages/emoji", "retrieval", "dual"):
         assert (tmp_path / "qs" / run / "checkpoints" / "latest").is_file(), run
     capsys.readouterr()

@@ -321,6 +321,15 @@ def test_crop_encoder_appends_the_dual_embedding_of_each_box(emoji_tiny, tmp_pat
             with torch.no_grad():
                 naive.append(model.encode_image(normalize(crop[None]))[0] * dim ** 0.5)
             torch.testing.assert_close(feature[512:], naive[-1], atol=5e-3, rtol=0)     # a float16 store
+    extract_to_store(tmp_path / "clf", scenes, tmp_path / "only", bf16=False, crop_encoder=dual, roi_features=False,
+                     progress=False)                     # --crop-only: the crop embedding is the whole feature
+    only = RegionStore(tmp_path / "only")
+    assert only.info["roi_features"] is False and with_crops.info["roi_features"] is True
+    for r in scenes:
+        torch.testing.assert_close(only[r.image_id]["features"], with_crops[r.image_id]["features"][:, 512:])
+        torch.testing.assert_close(only[r.image_id]["cls_prob"], with_crops[r.image_id]["cls_prob"])
+    with pytest.raises(ValueError, match="give a crop_encoder"):
+        extract_to_store(tmp_path / "clf", scenes, tmp_path / "none", roi_features=False, progress=False)
     spread = torch.cdist(torch.stack(naive), torch.stack(naive)).fill_diagonal_(float("inf")).min()
     assert spread > 0.05                        # the crops differ by far more than the tolerance: a wrong box fails
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):

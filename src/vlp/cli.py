@@ -58,7 +58,8 @@ def cmd_regions(args) -> None:
         stats = extract_to_store(args.classifier, args.data, args.out, split=args.split or None,
                                  max_regions=args.max_regions, batch_size=args.batch_size,
                                  feature_dtype=args.dtype, bf16=False if args.no_bf16 else None, whole_image=args.whole_image,
-                                 crop_encoder=args.crop_encoder or None, overwrite=args.overwrite)
+                                 crop_encoder=args.crop_encoder or None, roi_features=not args.crop_only,
+                                 overwrite=args.overwrite)
         print(json.dumps(stats, indent=1, ensure_ascii=False))
     else:
         from vlp.data.regions import store_from_npz_dir, store_from_tsv
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--crop-encoder", default="", metavar="RUN",
                     help="a dual-encoder run (e.g. runs/quickstart): append its embedding of each box's crop "
                          "to the region feature")
+    rx.add_argument("--crop-only", action="store_true",
+                    help="with --crop-encoder: the region feature is the crop embedding alone, without the classifier's "
+                         "RoI feature (which fits the classifier's training images; the crop embedding generalises)")
     rx.add_argument("--no-bf16", action="store_true", help="float32 even where the CPU has native bf16 (default: bf16 there)")
     rx.add_argument("--overwrite", action="store_true")
     ri = rg.add_parser("import", help="bottom-up-attention TSV files or a folder of .npz files -> a region store")
