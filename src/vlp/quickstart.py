@@ -222,8 +222,8 @@ def quickstart_imagebert(out: str = "runs/quickstart-imagebert", data: str = "da
         records = split["train"] if name == "emoji" else [
             *split["train"][:n_train or None], *split["val"][:val_limit],
             *split["test"][:max(eval_limit, exhaustive_limit)]]
-        info = RegionStore(store).info if (store / "index.json").exists() else {}
-        if (not fresh and info.get("crop_encoder") == (crops or "") and info.get("roi_features", True) == (not crops)
+        built = RegionStore(store).info if (store / "index.json").exists() else {}
+        if (not fresh and built.get("crop_encoder") == (crops or "") and built.get("roi_features", True) == (not crops)
                 and all(r.image_id in RegionStore(store) for r in records)):
             continue
         print(f"[3/7] extracting {name} regions -> {store}")

@@ -13,7 +13,8 @@ Optionally (`crop_encoder`, a dual-encoder run such as the ERNIE-ViL 2.0 quickst
 feature also carries that encoder's image embedding of the box's crop (`crop_embeddings`), scaled by
 sqrt(D) to unit-variance entries: a language-aligned description of the object, as RegionCLIP-style
 region features are. The classifier names the category; the crop embedding says which object it is,
-also for objects the classifier never saw.
+also for objects the classifier never saw. With `roi_features=False` the crop embedding is the whole
+feature (the RoI feature fits the classifier's training objects; on unseen ones it held a reranker back).
 
 Boxes are x1, y1, x2, y2 pixels, the convention of `vlp.data.regions`; scene records carry x, y, w, h
 boxes in `meta["objects"]`, converted by `scene_boxes`.
@@ -22,6 +23,7 @@ boxes in `meta["objects"]`, converted by `scene_boxes`.
     out = extract_regions(clf, images, boxes)   # (B, 3, H, W) normalised, B x (K_i, 4) -> B dicts
     extract_to_store("runs/regions/classifier", "/tmp/scenes/dataset.json", "feats/val", split="val")
     extract_to_store(..., crop_encoder="runs/quickstart")     # features (K, 512 + 256)
+    extract_to_store(..., crop_encoder="runs/quickstart", roi_features=False)   # (K, 256): the crop embedding alone
 """
 from __future__ import annotations
 
