@@ -15,8 +15,8 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
                 rerank_k=4, eval_limit=6, exhaustive_limit=5, val_limit=4, dual_init="", crop_encoder=str(crops),
                 classifier={"steps": 2, "batch_size": 8, "image_size": 32},
                 overrides=["stages.emoji.train.steps=2", "stages.scenes.train.steps=2", "train.batch_size=8",
-                           "train.precision=fp32"],
-                finetune_overrides=["train.steps=2", "train.batch_size=4", "train.precision=fp32"],
+                           "train.precision=fp32", "stages.scenes.data.train_limit=9"],
+                finetune_overrides=["train.steps=2", "train.batch_size=4", "train.precision=fp32", "data.train_limit=12"],
                 dual_overrides=["train.steps=2", "train.batch_size=8", "model.image_size=32", "data.eval_split=\"\""])
     emoji_counts = (emoji_tiny.parent / "counts.json").read_text()
     res = quickstart_imagebert(**tiny)
@@ -33,6 +33,11 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
     assert res["exhaustive"]["mode"] == "exhaustive" and res["exhaustive"]["limit"] == 5
     assert res["rerank"]["n_texts"] == res["dual"]["n_texts"] > 0
     assert res["region_dim"] == 64 and res["crop_encoder"].startswith(str(crops))   # the crop embedding alone
+    from vlp.data.formats import read_records
+    from vlp.data.regions import RegionStore
+    train_scenes = read_records(tmp_path / "scenes" / "dataset.json", split="train")[0]
+    store = RegionStore(tmp_path / "qs" / "regions" / "scenes")     # only the train scenes trained on get features
+    assert all(r.image_id in store for r in train_scenes[:12]) and train_scenes[12].image_id not in store
     for run in ("imagebert", "imagebert/stages/emoji", "retrieval", "dual"):
         assert (tmp_path / "qs" / run / "checkpoints" / "latest").is_file(), run
     capsys.readouterr()

@@ -116,8 +116,7 @@ def test_train_limit_keeps_the_first_records_of_the_train_split_only(emoji_tiny,
     every = loop.prepare_data(tiny_cfg(emoji_tiny, tmp_path / "a"), "train", SkipReport())
     cfg = tiny_cfg(emoji_tiny, tmp_path / "b", **{"data.train_limit": 5, "data.eval_split": '"val"'})
     assert [r.image_id for r in loop.prepare_data(cfg, "train", SkipReport())] == [r.image_id for r in every[:5]]
-    assert len(loop.prepare_data(cfg, "val", SkipReport())) > 0           # other splits are not cut
-    assert len(loop.prepare_data(cfg, "val", SkipReport())) == len(
+    assert len(loop.prepare_data(cfg, "val", SkipReport())) == len(       # other splits are not cut
         loop.prepare_data(tiny_cfg(emoji_tiny, tmp_path / "c"), "val", SkipReport()))
     with pytest.raises(config.ConfigError, match="train_limit must be >= 0"):
         tiny_cfg(emoji_tiny, tmp_path / "d", **{"data.train_limit": -1})
