@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vlp.config import ModelConfig
 from vlp.layers import bf16_is_fast
-from vlp.models import build_model
+from vlp import systems
 from vlp.objectives.contrastive import symmetric_info_nce
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
@@ -64,7 +64,7 @@ def build(name: str, vocab: int) -> nn.Module:
                           text_layers=s["layers"], text_heads=s["heads"], text_max_len=s["context"],
                           image_encoder="vit", image_size=s["image_size"], patch_size=s["patch_size"],
                           vit_width=s["width"], vit_layers=s["layers"], vit_heads=s["heads"])
-        return build_model(cfg, vocab_size=vocab)
+        return systems.get(cfg.arch).build_model(cfg, vocab)
     vision = open_clip.CLIPVisionCfg(layers=s["layers"], width=s["width"], head_width=s["width"] // s["heads"],
                                      patch_size=s["patch_size"], image_size=s["image_size"])
     text = open_clip.CLIPTextCfg(context_length=s["context"], vocab_size=vocab, width=s["width"],

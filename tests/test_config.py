@@ -50,3 +50,33 @@ def test_retired_key_loads_from_a_saved_run_but_not_from_a_new_config():
     assert config.from_dict(saved) == config.Config()
     with pytest.raises(config.ConfigError, match="data.cache_images was removed"):
         config.load(None, ["data.cache_images=false"])
+
+
+@pytest.mark.parametrize("setting", ["train.log_every=0", "train.batch_size=0", "train.grad_accum=0",
+                                     "train.steps=-1", "train.save_every=-5", "data.negatives=0"])
+def test_step_counts_and_sizes_are_checked_at_load(setting):
+    """train.log_every = 0 used to divide by zero at the first step; every count is checked when loaded."""
+    key = setting.split("=")[0].replace(".", r"\.")
+    with pytest.raises(config.ConfigError, match=key + " = -?[0-9]+ must be >= [01]"):
+        config.load(None, [setting])
+
+
+def test_text_head_arch_and_hard_negative_share_are_checked():
+    with pytest.raises(config.ConfigError, match=r"model\.text_head = 'mpl'; valid choices: linear, mlp"):
+        config.load(None, ["model.text_head=mpl"])
+    with pytest.raises(config.ConfigError, match=r"model\.arch = 'imagebrt'; valid choices: ernie-vil2, imagebert"):
+        config.load(None, ["model.arch=imagebrt"])
+    with pytest.raises(config.ConfigError, match=r"hard_negatives .* \[0, 1\]"):
+        config.load(PRESETS[0].parent / "emoji-imagebert.toml", ["data.hard_negatives=1.5"])
+
+
+def test_updated_sets_python_values_with_the_same_checks():
+    base = config.load(PRESETS[0], ["train.steps=5"])
+    cfg = config.updated(base, {"train.steps": 7, "data.train": "x/dataset.json"})
+    assert (cfg.train.steps, cfg.data.train) == (7, "x/dataset.json") and base.train.steps == 5   # a copy
+    assert config.updated(base, {}) == base
+    assert config.updated(config.Config(), config.parse_sets(["train.lr=3e-4", "data.train=a b"])).train.lr == 3e-4
+    with pytest.raises(config.ConfigError, match="unknown config key train.stpes"):
+        config.updated(base, {"train.stpes": 7})
+    with pytest.raises(config.ConfigError, match="expected int"):
+        config.updated(base, {"train.steps": "7"})

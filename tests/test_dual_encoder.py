@@ -1,10 +1,12 @@
 """The dual encoder's locked-text path and the initialisation of new vocabulary rows."""
+import dataclasses
+
 import torch
 
 from vlp.config import ModelConfig
 from vlp.encoders.text import init_rows_from_pairs
 from vlp.layers import BertConfig, TransformerConfig
-from vlp.encoders.text import TextEncoder
+from vlp.encoders.text import Freezing, TextEncoder
 from vlp.models import freeze_text
 from vlp.models.dual_encoder import DualEncoder, mean_pool
 from vlp.encoders.patches import PatchEncoder
@@ -18,8 +20,8 @@ def _model(old_vocab=50, new=10):
     text.resize_vocab(old_vocab + new)
     with torch.no_grad():
         text.embeddings.word.weight[old_vocab:] = torch.randn(new, 32)
-    text.pretrained_vocab = old_vocab
-    freeze_text(text, 2, first_new_row=old_vocab)
+    text.freezing = Freezing(pretrained_vocab=old_vocab)
+    freeze_text(text, 2)
     return DualEncoder(text, PatchEncoder(16, 8, 32, 1, 2), embed_dim=16)
 
 
@@ -35,8 +37,7 @@ def test_locked_tower_split_equals_one_pass():
     fast.square().sum().backward()
     g_fast = model.text.embeddings.word.weight.grad.clone()
     model.zero_grad()
-    with torch.no_grad():
-        model.text.embeddings.word.weight.new_rows_only = False
+    model.text.freezing = dataclasses.replace(model.text.freezing, new_rows_only=False)   # every caption runs the tower
     slow = torch.nn.functional.normalize(model.text_proj(mean_pool(model.text(ids, mask))), dim=-1)
     slow.square().sum().backward()
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
@@ -99,7 +100,8 @@ def test_cached_features_equal_the_tower():
 def test_frozen_new_rows_cache_every_caption():
     """train_new_rows=False: the new rows keep their init, so every caption is a lookup."""
     model = _model()
-    freeze_text(model.text, 2, first_new_row=50, train_new_rows=False)
+    freeze_text(model.text, 2, train_new_rows=False)
+    assert not model.text.freezing.new_rows_only and model.text.freezing.locked
     assert not model.text.embeddings.word.weight.requires_grad
     ids = torch.randint(5, 60, (5, 6))                   # new tokens (>= 50) in some captions
     mask = torch.ones_like(ids, dtype=torch.bool)
@@ -114,7 +116,7 @@ def test_frozen_new_rows_cache_every_caption():
 def test_locked_tower_stays_in_inference_mode():
     model = _model().train()
     assert model.training and model.image.training and not model.text.training
-    model.text.locked = False
+    model.text.freezing = dataclasses.replace(model.text.freezing, locked=False)
     assert model.train().text.training
 
 
@@ -148,8 +150,9 @@ def test_partly_frozen_tower_trains_its_top_layers():
     model = _model()
     for p in model.text.transformer.blocks[1].parameters():
         p.requires_grad_(True)
-    freeze_text(model.text, 1, first_new_row=50)
-    assert not model.text.locked
+    model.text.freezing = Freezing(pretrained_vocab=50)
+    freeze_text(model.text, 1)
+    assert not model.text.freezing.locked and model.text.freezing.frozen_layers == 1
     ids = torch.randint(5, 50, (4, 6))                   # no new tokens at all
     model.encode_text(ids, torch.ones_like(ids, dtype=torch.bool)).sum().backward()
     assert model.text.transformer.blocks[1].attn.q.weight.grad.abs().sum() > 0

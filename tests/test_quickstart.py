@@ -1,8 +1,9 @@
 """`vlp quickstart --system imagebert` at tiny size: every step runs, the evaluation JSON holds the dual,
 rerank and exhaustive sections with the design keys, and a second call reuses all finished work."""
+import dataclasses
 import json
 
-from vlp.quickstart import quickstart_imagebert
+from vlp.quickstart import ImageBERTQuickstart, quickstart_imagebert
 
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
@@ -11,15 +12,16 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
     from test_train import tiny_cfg
     from vlp.train import loop
     crops = loop.train(tiny_cfg(emoji_tiny, tmp_path / "de", **{"train.steps": 2}), progress=False)   # 64-d
-    tiny = dict(out=str(tmp_path / "qs"), data=str(emoji_tiny.parent), scenes=str(tmp_path / "scenes"), n_scenes=40,
-                rerank_k=4, eval_limit=6, exhaustive_limit=5, val_limit=4, dual_init="", crop_encoder=str(crops),
-                classifier={"steps": 2, "batch_size": 8, "image_size": 32},
-                overrides=["stages.emoji.train.steps=2", "stages.scenes.train.steps=2", "train.batch_size=8",
-                           "train.precision=fp32", "stages.scenes.data.train_limit=9"],
-                finetune_overrides=["train.steps=2", "train.batch_size=4", "train.precision=fp32", "data.train_limit=12"],
-                dual_overrides=["train.steps=2", "train.batch_size=8", "model.image_size=32", "data.eval_split=\"\""])
+    tiny = ImageBERTQuickstart(
+        out=str(tmp_path / "qs"), data=str(emoji_tiny.parent), scenes=str(tmp_path / "scenes"), n_scenes=40,
+        rerank_k=4, eval_limit=6, exhaustive_limit=5, val_limit=4, dual_init="", crop_encoder=str(crops),
+        classifier={"steps": 2, "batch_size": 8, "image_size": 32},
+        pretrain={"stages.emoji.train.steps": 2, "stages.scenes.train.steps": 2, "train.batch_size": 8,
+                  "train.precision": "fp32", "stages.scenes.data.train_limit": 9},
+        finetune={"train.steps": 2, "train.batch_size": 4, "train.precision": "fp32", "data.train_limit": 12},
+        dual={"train.steps": 2, "train.batch_size": 8, "model.image_size": 32})
     emoji_counts = (emoji_tiny.parent / "counts.json").read_text()
-    res = quickstart_imagebert(**tiny)
+    res = quickstart_imagebert(tiny)
     assert (emoji_tiny.parent / "counts.json").read_text() == emoji_counts      # the given emoji set is used, not rebuilt
     saved = json.loads((tmp_path / "qs" / "eval_test.json").read_text())
     assert saved == res
@@ -42,44 +44,48 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
         assert (tmp_path / "qs" / run / "checkpoints" / "latest").is_file(), run
     capsys.readouterr()
 
-    again = quickstart_imagebert(**tiny)                       # everything finished: reused, same numbers
+    again = quickstart_imagebert(tiny)                       # everything finished: reused, same numbers
     out = capsys.readouterr().out
     assert "training the region classifier" not in out and "extracting" not in out and "skipped" in out
     assert {k: again["rerank"][k] for k in KEYS} == {k: res["rerank"][k] for k in KEYS}
 
-    plain = quickstart_imagebert(**{**tiny, "crop_encoder": ""})   # other region features: extracted and trained again
+    plain = quickstart_imagebert(dataclasses.replace(tiny, crop_encoder=""))   # other region features: extracted and trained again
     out = capsys.readouterr().out
     assert "extracting emoji regions" in out and "extracting scenes regions" in out and "resuming" not in out
     assert plain["region_dim"] == 512 and plain["crop_encoder"] is None
 
 
 def test_ernie_quickstart_trains_fewer_steps_without_native_bf16(monkeypatch):
-    """Float32 steps ran at about a third of the bf16 machine's rate: without native bf16 the preset's 600 steps would take
-    half an hour, so the quickstart trains FP32_BUDGET steps; a user's --set still wins."""
+    """Without native bf16 the quickstart trains FP32_BUDGET's steps (a float32 step costs about three bf16 ones);
+    a user's --set still wins."""
     from vlp import config, layers
     from vlp.quickstart import FP32_BUDGET, PRESET, quickstart_config
     full = config.load(PRESET).train.steps
     monkeypatch.setattr(layers, "bf16_is_fast", lambda device_type="cpu": True)
     cfg, budget = quickstart_config("runs/q", "data/emoji")
-    assert budget == () and cfg.train.steps == full and cfg.train.precision == "auto"
+    assert budget == {} and cfg.train.steps == full and cfg.train.precision == "auto"
+    assert cfg.data.train == "data/emoji/dataset.json" and cfg.train.out == "runs/q"
     monkeypatch.setattr(layers, "bf16_is_fast", lambda device_type="cpu": False)
     cfg, budget = quickstart_config("runs/q", "data/emoji")
-    assert budget == FP32_BUDGET and cfg.train.steps == int(FP32_BUDGET[0].split("=")[1]) < full
+    assert budget == FP32_BUDGET and cfg.train.steps == FP32_BUDGET["train.steps"] < full
     assert quickstart_config("runs/q", "data/emoji", ["train.steps=7"])[0].train.steps == 7
 
 
 def test_imagebert_quickstart_budget_without_native_bf16():
     """Without native bf16 the ImageBERT quickstart trains IMAGEBERT_FP32_BUDGET's steps; with it the presets' own;
-    what the caller passes wins in both."""
+    what the caller gives wins in both."""
     from vlp import config
-    from vlp.quickstart import CLASSIFIER, IMAGEBERT, IMAGEBERT_FP32_BUDGET, imagebert_settings
-    assert imagebert_settings(True) == (CLASSIFIER, [], [], [], 100)
-    clf, pre, ft, dual, limit = imagebert_settings(False)
-    assert clf["steps"] == IMAGEBERT_FP32_BUDGET["classifier"]["steps"] < CLASSIFIER["steps"] and limit == 40
-    full, cut = config.load(IMAGEBERT), config.load(IMAGEBERT, pre)
-    assert all(c["train"]["steps"] < f["train"]["steps"] for c, f in zip(cut.stages, full.stages))
-    assert ft == list(IMAGEBERT_FP32_BUDGET["finetune"]) and dual == list(IMAGEBERT_FP32_BUDGET["dual"])
-    clf, pre, ft, dual, limit = imagebert_settings(False, {"steps": 3}, ["stages.scenes.train.steps=7"],
-                                                   ["train.steps=5"], ["train.steps=4"], 9)
-    assert clf["steps"] == 3 and limit == 9 and config.load(IMAGEBERT, pre).stages[-1]["train"]["steps"] == 7
-    assert ft[-1] == "train.steps=5" and dual[-1] == "train.steps=4"
+    from vlp.quickstart import CLASSIFIER, DUAL, IMAGEBERT, IMAGEBERT_FP32_BUDGET as B
+    plain = ImageBERTQuickstart().resolved(fast=True)
+    assert (plain.classifier, plain.pretrain, plain.finetune, plain.dual, plain.exhaustive_limit) == (
+        CLASSIFIER, {}, {}, DUAL, 100)
+    cut = ImageBERTQuickstart().resolved(fast=False)
+    assert cut.classifier["steps"] == B["classifier"]["steps"] < CLASSIFIER["steps"] and cut.exhaustive_limit == 40
+    full, short = config.load(IMAGEBERT), config.updated(config.load(IMAGEBERT), cut.pretrain)
+    assert all(c["train"]["steps"] < f["train"]["steps"] for c, f in zip(short.stages, full.stages))
+    assert cut.finetune == B["finetune"] and cut.dual == {**DUAL, **B["dual"]}
+    mine = ImageBERTQuickstart(classifier={"steps": 3}, pretrain={"stages.scenes.train.steps": 7},
+                               finetune={"train.steps": 5}, dual={"train.steps": 4}, exhaustive_limit=9).resolved(False)
+    assert mine.classifier["steps"] == 3 and mine.exhaustive_limit == 9
+    assert config.updated(config.load(IMAGEBERT), mine.pretrain).stages[-1]["train"]["steps"] == 7
+    assert mine.finetune["train.steps"] == 5 and mine.dual["train.steps"] == 4

@@ -118,5 +118,5 @@ def test_train_limit_keeps_the_first_records_of_the_train_split_only(emoji_tiny,
     assert [r.image_id for r in loop.prepare_data(cfg, "train", SkipReport())] == [r.image_id for r in every[:5]]
     assert len(loop.prepare_data(cfg, "val", SkipReport())) == len(       # other splits are not cut
         loop.prepare_data(tiny_cfg(emoji_tiny, tmp_path / "c"), "val", SkipReport()))
-    with pytest.raises(config.ConfigError, match="train_limit must be >= 0"):
+    with pytest.raises(config.ConfigError, match="train_limit = -1 must be >= 0"):
         tiny_cfg(emoji_tiny, tmp_path / "d", **{"data.train_limit": -1})

@@ -90,31 +90,20 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    """The checkpoint's system decides how it is evaluated (embeddings, or cross-encoder scoring)."""
+    from vlp import systems
     from vlp.data.formats import read_records
-    from vlp.eval.retrieval import evaluate, format_table
+    from vlp.eval.retrieval import format_table
     from vlp.train.checkpoint import load_checkpoint
     model, tok, cfg = load_checkpoint(args.ckpt)
     records, report = read_records(args.data, image_root=args.image_root, split=args.split or None,
                                    lang=args.lang)
     if not records:
         raise SystemExit(f"error: no records for split {args.split!r} in {args.data} ({report.summary()})")
-    if cfg.model.arch == "imagebert":
-        from vlp.data.regions import RegionStore
-        from vlp.eval.rerank import evaluate_cross_encoder
-        if not args.regions:
-            raise SystemExit("error: a single-stream checkpoint reads regions: pass --regions STORE")
-        first = None
-        if args.first_stage:
-            dual, dual_tok, dual_cfg = load_checkpoint(args.first_stage)
-            first = (dual, dual_tok, dual_cfg.model.image_size)
-        res = evaluate_cross_encoder(model, tok, records, RegionStore(args.regions), cfg.model.text_max_len,
-                                     k=args.rerank_k, first_stage=first, limit=args.limit, batch_size=args.batch_size,
-                                     fuse=args.fuse, bf16=args.bf16)
-    else:
-        if args.limit:                  # the same images as a single-stream evaluation with this limit
-            records = [r for r in records if r.captions][:args.limit]
-        res = evaluate(model, tok, records, image_size=cfg.model.image_size, max_len=cfg.model.text_max_len,
-                       lang=args.lang, batch_size=args.batch_size, by=args.by)
+    opts = systems.EvalOptions(lang=args.lang, by=args.by, limit=args.limit, batch_size=args.batch_size,
+                               regions=args.regions, first_stage=args.first_stage, rerank_k=args.rerank_k,
+                               fuse=tuple(args.fuse), bf16=args.bf16)
+    res = systems.get(cfg.model.arch).evaluate(model, tok, cfg, records, opts)
     res["checkpoint"], res["data"], res["split"] = str(args.ckpt), str(args.data), args.split
     if report.total():
         res["skipped_records"] = report.summary()
@@ -126,9 +115,11 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_quickstart(args) -> None:
-    from vlp.quickstart import quickstart, quickstart_imagebert
+    from vlp.quickstart import ImageBERTQuickstart, quickstart, quickstart_imagebert
     if args.system == "imagebert":
-        quickstart_imagebert(out=args.out or "runs/quickstart-imagebert", data=args.data, overrides=args.set or [])
+        from vlp.config import parse_sets
+        quickstart_imagebert(ImageBERTQuickstart(out=args.out or "runs/quickstart-imagebert", data=args.data,
+                                                 pretrain=parse_sets(args.set or [])))
     else:
         quickstart(out=args.out or "runs/quickstart", data=args.data, overrides=args.set or [])
 

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "ernie-vil2"          # ernie-vil2 (more systems are added by their issues)
+    arch: str = "ernie-vil2"          # the system: one of vlp.systems.NAMES (ernie-vil2, imagebert)
     embed_dim: int = 256              # joint embedding size of the dual encoder
     # text tower: a BERT checkpoint directory ("minilm" = the packaged all-MiniLM-L6-v2), or "" for scratch
     text_init: str = "minilm"
@@ -225,40 +225,81 @@ def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A TOML file (or the defaults) with `--set` strings ("section.key=value", TOML scalars) applied."""
     cfg = Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         _apply_tables(cfg, tomllib.loads(path.read_text()))
-    for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"--set expects section.key=value, got {item!r}")
-        dotted, text = item.split("=", 1)
-        section, key = dotted.split(".", 1)
-        if section.strip() == "stages":           # stages.<name>.<section>.<key>=value
-            _set_stage(cfg, key.strip(), _parse_scalar(text.strip()))
-            continue
-        _apply(cfg, section.strip(), key.strip(), _parse_scalar(text.strip()))
+    for dotted, value in parse_sets(overrides).items():
+        _set(cfg, dotted, value)
     validate(cfg)
     return cfg
 
 
+def parse_sets(overrides: list[str] | tuple[str, ...]) -> dict:
+    """`--set` strings ("section.key=value", the value a TOML scalar or a bare word) -> {"section.key": value}."""
+    values = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        dotted, text = item.split("=", 1)
+        values[dotted.strip()] = _parse_scalar(text.strip())
+    return values
+
+
+def updated(cfg: Config, values: dict) -> Config:
+    """A copy of cfg with {"section.key": value} (or "stages.<name>.<section>.<key>") set from Python values,
+    checked like `--set`: what code that builds configs uses instead of pasting TOML strings."""
+    cfg = copy.deepcopy(cfg)
+    for dotted, value in values.items():
+        _set(cfg, dotted, value)
+    validate(cfg)
+    return cfg
+
+
+def _set(cfg: Config, dotted: str, value) -> None:
+    if "." not in dotted:
+        raise ConfigError(f"expected section.key, got {dotted!r}")
+    section, key = (part.strip() for part in dotted.split(".", 1))
+    if section == "stages":                       # stages.<name>.<section>.<key>
+        _set_stage(cfg, key, value)
+    else:
+        _apply(cfg, section, key, value)
+
+
 CHOICES = {
-    ("model", "arch"): ("ernie-vil2", "imagebert"),
     ("train", "precision"): ("fp32", "bf16", "auto"),
     ("model", "new_token_init"): ("pairs", "mean"),
+    ("model", "text_head"): ("linear", "mlp"),
     ("data", "augment"): ("none", "crop"),
+}
+# step counts and sizes: the smallest valid value (0 where 0 means "never" / "all" / "off")
+MINIMUM = {
+    ("train", "steps"): 0, ("train", "batch_size"): 1, ("train", "grad_accum"): 1, ("train", "warmup_steps"): 0,
+    ("train", "log_every"): 1, ("train", "eval_every"): 0, ("train", "save_every"): 0,
+    ("train", "keep_checkpoints"): 0, ("train", "threads"): 0, ("data", "train_limit"): 0,
+    ("data", "num_workers"): 0, ("data", "negatives"): 1, ("data", "hard_pool"): 1, ("data", "cluster_size"): 0,
+    ("eval", "batch_size"): 1, ("eval", "chunk"): 1, ("model", "text_max_len"): 2, ("model", "image_size"): 8,
+    ("model", "embed_dim"): 1, ("model", "text_freeze_layers"): 0,
 }
 
 
 def validate(cfg: Config) -> None:
+    from vlp import systems                    # the system decides which architectures and objectives exist
+    if cfg.model.arch not in systems.NAMES:
+        raise ConfigError(f"model.arch = {cfg.model.arch!r}; valid choices: {', '.join(systems.NAMES)}")
     for (section, key), choices in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"{section}.{key} = {value!r}; valid choices: {', '.join(choices)}")
-    from vlp.objectives import valid_objectives   # the arch decides which objectives exist
-    valid = valid_objectives(cfg.model.arch)
+    for (section, key), least in MINIMUM.items():
+        value = getattr(getattr(cfg, section), key)
+        if value < least:
+            raise ConfigError(f"{section}.{key} = {value} must be >= {least}"
+                              + (" (0 = off / all)" if least == 0 else ""))
+    valid = systems.get(cfg.model.arch).OBJECTIVES
     for name, weight in cfg.objectives.items():
         if name not in valid:
             raise ConfigError(f"unknown objective {name!r} for {cfg.model.arch}; valid: {', '.join(valid)}")
@@ -266,8 +307,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"objectives.{name}: weight must be >= 0, got {weight}")
     if not any(w > 0 for w in cfg.objectives.values()):
         raise ConfigError("no objective has a positive weight")
-    if cfg.data.train_limit < 0:
-        raise ConfigError(f"data.train_limit must be >= 0 (0 = every record), got {cfg.data.train_limit}")
+    if not 0 <= cfg.data.hard_negatives <= 1:
+        raise ConfigError(f"data.hard_negatives is a share of the negatives, in [0, 1]; got {cfg.data.hard_negatives}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -23,12 +23,23 @@ from torch import Tensor, nn
 from vlp.layers import BertConfig, BertEmbeddings, Tokens, Transformer, init_weights
 
 
+@dataclasses.dataclass(frozen=True)
+class Freezing:
+    """What of a text tower trains: set by `vlp.models.freeze_text`, read by the optimizer (which lr) and
+    the dual encoder (which captions a locked tower cannot change, LiT's text cache)."""
+    pretrained_vocab: int = 0        # word rows below this id came from the checkpoint (0: our own vocabulary)
+    frozen_layers: int = 0           # bottom blocks frozen, and the embeddings with them when > 0
+    locked: bool = False             # every block frozen: only new vocabulary rows can change the output
+    new_rows_only: bool = False      # the word embedding trains its rows >= pretrained_vocab only (at the full lr)
+
+
 class TextEncoder(nn.Module):
     """BERT: embeddings + post-LN transformer. forward(ids, mask) -> Tokens (no pooler: models pool)."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.cfg = cfg
+        self.freezing = Freezing()
         self.embeddings = BertEmbeddings(cfg)
         self.transformer = Transformer(cfg.transformer)
         self.embeddings.apply(init_weights)
@@ -36,6 +47,10 @@ class TextEncoder(nn.Module):
     @property
     def width(self) -> int:
         return self.cfg.transformer.width
+
+    def new_row_parameters(self) -> list[nn.Parameter]:
+        """Parameters that hold only new vocabulary rows (trained at the full lr, not `text_lr_scale`)."""
+        return [self.embeddings.word.weight] if self.freezing.new_rows_only else []
 
     def forward(self, ids: Tensor, mask: Tensor, token_type: Tensor | None = None) -> Tokens:
         """ids (B, L) long, mask (B, L) bool (True = real token), token_type (B, L) long or None."""

@@ -47,12 +47,13 @@ class DualEncoder(nn.Module):
         self.image_proj = nn.Linear(image.width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.max_log_scale = math.log(logit_scale_max)
+        self._text_cache: dict[bytes, Tensor] = {}     # token ids -> pooled features of a locked tower (`cache_text`)
 
     def train(self, mode: bool = True) -> "DualEncoder":
         """A locked text tower stays in inference mode (no dropout), as in LiT: its output for a
         caption is then a fixed function of the tokens, whatever the training mode."""
         super().train(mode)
-        if getattr(self.text, "locked", False):
+        if self.text.freezing.locked:
             self.text.eval()
         return self
 
@@ -65,7 +66,7 @@ class DualEncoder(nn.Module):
         so an interrupted and resumed run sees the same features as an uninterrupted one. Call it under
         the training's autocast. At most `limit` captions are cached (about 0.4 GB in bfloat16 at width 384); the rest run the tower.
         """
-        if not getattr(self.text, "locked", False):
+        if not self.text.freezing.locked:
             return 0
         self.text.eval()                                  # a locked tower never drops out (see `train`)
         frozen = torch.nonzero(~self._live(ids) & mask.any(1)).squeeze(1)[:limit]
@@ -84,9 +85,8 @@ class DualEncoder(nn.Module):
     def _live(self, ids: Tensor) -> Tensor:
         """(B,) bool: captions whose features a locked tower's training can change (they hold trainable
         new vocabulary rows). None of them when the new rows are frozen too."""
-        word = self.text.embeddings.word.weight
-        if word.requires_grad and getattr(word, "new_rows_only", False):
-            return (ids >= self.text.pretrained_vocab).any(1)
+        if self.text.freezing.new_rows_only:
+            return (ids >= self.text.freezing.pretrained_vocab).any(1)
         return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
@@ -101,12 +101,12 @@ class DualEncoder(nn.Module):
         English ones) are looked up in the `cache_text` features or, when missing, run without
         autograd (about a third of the cost); only the others backpropagate.
         """
-        if not (torch.is_grad_enabled() and getattr(self.text, "locked", False)):
+        if not (torch.is_grad_enabled() and self.text.freezing.locked):
             return mean_pool(self.text(ids, mask))
         live = self._live(ids)                                                 # (B,)
         if not live.any() and self.text.embeddings.word.weight.requires_grad:
             return mean_pool(self.text(ids, mask))   # keep the trainable rows in the graph (DDP expects their grad)
-        lengths, host, cache = mask.sum(1).tolist(), ids.cpu(), getattr(self, "_text_cache", {})
+        lengths, host, cache = mask.sum(1).tolist(), ids.cpu(), self._text_cache
         cached = [None if live[i] else cache.get(host[i, :n].numpy().tobytes()) for i, n in enumerate(lengths)]
         hit = torch.tensor([c is not None for c in cached], dtype=torch.bool)
         rows = [torch.nonzero(hit).squeeze(1), torch.nonzero(~live & ~hit).squeeze(1), torch.nonzero(live).squeeze(1)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlp import config as config_lib
-from vlp.models import build_model, text_config
+from vlp import systems
+from vlp.models import text_config
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, cfg, trainer_state: dict | None = None,
@@ -65,7 +67,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     cfg = config_lib.from_dict(json.loads((step_dir / "config.json").read_text()))
     tokenizer = Tokenizer.from_dir(step_dir)
     saved_text = json.loads((step_dir / "text_config.json").read_text())
-    model = build_model(cfg.model, tokenizer.vocab_size, saved_text)
+    model = systems.get(cfg.model.arch).build_model(cfg.model, tokenizer.vocab_size, saved_text)
     model.load_state_dict(load_file(step_dir / "model.safetensors"))
     return model.to(device).eval(), tokenizer, cfg
 
@@ -78,7 +80,7 @@ def load_for_training(path: str | Path, cfg):
     step_dir = resolve(path)
     tokenizer = Tokenizer.from_dir(step_dir)
     saved_text = json.loads((step_dir / "text_config.json").read_text())
-    model = build_model(cfg.model, tokenizer.vocab_size, saved_text)
+    model = systems.get(cfg.model.arch).build_model(cfg.model, tokenizer.vocab_size, saved_text)
     missing, unexpected = model.load_state_dict(load_file(step_dir / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {step_dir} does not fit the configured model: missing {missing[:5]}, "
@@ -87,4 +89,13 @@ def load_for_training(path: str | Path, cfg):
 
 
 def trainer_state(path: str | Path) -> dict:
-    return torch.load(resolve(path) / "trainer_state.pt", weights_only=False)
+    """-> the state `save_checkpoint` wrote (step, optimizer and scheduler state dicts, RNG state). Loaded
+    with weights_only=True: tensors and plain values only (the LambdaLR state holds `lr_lambdas: [None]`
+    for our closure), so a crafted file cannot run code on resume."""
+    file = resolve(path) / "trainer_state.pt"
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{file} holds objects other than tensors and plain values: refused, since loading them "
+                         f"could run arbitrary code (vlp's training loop never writes such a file). "
+                         f"torch said: {str(e).splitlines()[0]}") from e

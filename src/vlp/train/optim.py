@@ -15,11 +15,12 @@ def no_decay(name: str, p: nn.Parameter) -> bool:
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, text_lr_scale: float = 1.0
                     ) -> torch.optim.Optimizer:
     groups: dict[tuple[bool, bool], list] = {}
+    new_rows = {id(p) for p in model.text.new_row_parameters()} if hasattr(model, "text") else set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         # pretrained text weights train at text_lr_scale; new vocabulary rows of a frozen tower at the full lr
-        pretrained_text = name.startswith("text.") and not getattr(p, "new_rows_only", False)
+        pretrained_text = name.startswith("text.") and id(p) not in new_rows
         groups.setdefault((no_decay(name, p), pretrained_text), []).append(p)
     param_groups = [{"params": ps, "weight_decay": 0.0 if nd else weight_decay,
                      "lr": lr * (text_lr_scale if txt else 1.0), "lr_scale": text_lr_scale if txt else 1.0}
