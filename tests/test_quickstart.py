@@ -55,20 +55,20 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
     assert plain["region_dim"] == 512 and plain["crop_encoder"] is None
 
 
-def test_ernie_quickstart_trains_fewer_steps_without_native_bf16(monkeypatch):
-    """Without native bf16 the quickstart trains FP32_BUDGET's steps (a float32 step costs about three bf16 ones);
-    a user's --set still wins."""
-    from vlp import config, layers
-    from vlp.quickstart import FP32_BUDGET, PRESET, quickstart_config
-    full = config.load(PRESET).train.steps
-    monkeypatch.setattr(layers, "bf16_is_fast", lambda device_type="cpu": True)
-    cfg, budget = quickstart_config("runs/q", "data/emoji")
-    assert budget == {} and cfg.train.steps == full and cfg.train.precision == "auto"
-    assert cfg.data.train == "data/emoji/dataset.json" and cfg.train.out == "runs/q"
-    monkeypatch.setattr(layers, "bf16_is_fast", lambda device_type="cpu": False)
-    cfg, budget = quickstart_config("runs/q", "data/emoji")
-    assert budget == FP32_BUDGET and cfg.train.steps == FP32_BUDGET["train.steps"] < full
-    assert quickstart_config("runs/q", "data/emoji", ["train.steps=7"])[0].train.steps == 7
+def test_ernie_quickstart_fits_its_steps_to_the_machine(tmp_path):
+    """The quickstart's preset carries a time budget (the step count is fitted during the warmup); a rerun
+    recognises a run that recorded a fitted count as the same run; a user's --set still wins."""
+    from vlp import config
+    from vlp.quickstart import PRESET, _same_config, quickstart_config
+    cfg = quickstart_config(str(tmp_path / "q"), "data/emoji")
+    assert cfg.train.time_budget > 0 and cfg.train.steps == config.load(PRESET).train.steps
+    assert cfg.data.train == "data/emoji/dataset.json" and cfg.train.out == str(tmp_path / "q")
+    assert quickstart_config("q", "d", ["train.time_budget=0", "train.steps=7"]).train.steps == 7
+    (tmp_path / "q").mkdir()
+    assert not _same_config(tmp_path / "q", cfg)
+    (tmp_path / "q" / "config.toml").write_text(config.dump(config.updated(cfg, {"train.steps": 123})))
+    assert _same_config(tmp_path / "q", cfg)                     # the run fitted 123 steps to its budget
+    assert not _same_config(tmp_path / "q", config.updated(cfg, {"train.lr": 1e-4}))
 
 
 def test_imagebert_quickstart_budget_without_native_bf16():

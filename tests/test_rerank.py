@@ -177,3 +177,40 @@ def test_hard_negatives_mined_with_a_dual_encoder(emoji_tiny, regions_tiny, tmp_
     capsys.readouterr()
     loop.train(cfg, progress=False)
     assert "hard negatives: the 4 nearest records by the dual encoder" in capsys.readouterr().out
+
+
+def test_rerank_skips_unreadable_images_and_keeps_rows_aligned(emoji_tiny, regions_tiny, tmp_path):
+    """Rerank mode decodes the images for the first stage: an unreadable or missing image is skipped and
+    counted, and the recalls equal those of the same records without it (no row shifts after it)."""
+    import dataclasses
+
+    from vlp import config
+    from vlp.data.formats import read_records
+    from vlp.data.regions import RegionStore
+    from vlp.data.tokenizer import Tokenizer
+    from vlp import systems
+    build_model = lambda mcfg, vocab: systems.get(mcfg.arch).build_model(mcfg, vocab)   # noqa: E731
+    root = __import__("pathlib").Path(__file__).parents[1] / "src/vlp/configs"
+    records = read_records(emoji_tiny, split="test")[0][:10]
+    tok = Tokenizer.train([c for r in records for c in r.captions], vocab_size=300)
+    torch.manual_seed(0)
+    dual = build_model(config.load(root / "tiny.toml").model, tok.vocab_size).eval()
+    cross = build_model(config.load(root / "emoji-imagebert.toml", [
+        'model.text_init=""', "model.text_width=32", "model.text_layers=2", "model.text_heads=2",
+        "model.region_dim=16", "model.region_classes=5"]).model, tok.vocab_size).eval()
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    corrupt = dataclasses.replace(records[2], image=str(tmp_path / "broken.png"))
+    missing = dataclasses.replace(records[6], image=str(tmp_path / "no-such-file.png"))
+    with_bad = [*records[:2], corrupt, *records[3:6], missing, *records[7:]]
+    without = [r for n, r in enumerate(records) if n not in (2, 6)]
+    store = RegionStore(regions_tiny)
+    run = lambda recs: evaluate_cross_encoder(cross, tok, recs, store, 24, k=3, first_stage=(dual, tok, 32),
+                                              progress=False, fuse=[0.0, 1.0])
+    res, ref = run(with_bad), run(without)
+    assert res["skipped_unreadable"] == 2 and ref["skipped_unreadable"] == 0
+    assert res["n_images"] == ref["n_images"] == 8 and res["n_texts"] == ref["n_texts"]
+    for section in (None, "fused_1", "first_stage"):
+        got, want = (res[section], ref[section]) if section else (res, ref)
+        assert {k: got[k] for k in KEYS[:6]} == pytest.approx({k: want[k] for k in KEYS[:6]}), section
+    exhaustive = evaluate_cross_encoder(cross, tok, with_bad, store, 24, progress=False)   # reads no images
+    assert exhaustive["n_images"] == 10 and exhaustive["skipped_unreadable"] == 0

@@ -22,7 +22,7 @@ from vlp.data.pairs import decode_images
 from vlp.eval.retrieval import embed_images, embed_texts
 from vlp.search import index as index_mod
 from vlp.search.index import SearchIndex, build_index
-from vlp.search.server import MAX_K, MAX_QUERY_CHARS, MAX_UPLOAD_BYTES, create_app
+from vlp.search.server import FRAMING, MAX_K, MAX_QUERY_CHARS, MAX_UPLOAD_BYTES, create_app
 from vlp.train.checkpoint import load_checkpoint
 from vlp.train.loop import train
 
@@ -356,12 +356,86 @@ def test_bad_uploads_get_a_clear_4xx(client, make, status, message):
     assert res.status_code == status and message in res.json()["detail"]
 
 
-def test_oversized_file_refused_even_when_the_body_size_passes(client, monkeypatch):
-    """The endpoint checks the file itself too (a chunked body has no Content-Length to refuse early)."""
-    from vlp.search import server
-    monkeypatch.setattr(server, "MAX_UPLOAD_BYTES", 1000)
-    res = client.post("/api/search/image", files={"file": ("big.png", _png(400, 400) + bytes(2000), "image/png")})
+SMALL = 1000                          # the `small` app's upload limit
+BODY_LIMIT = SMALL + FRAMING          # what its BodyLimit middleware enforces: the file plus multipart framing
+MULTIPART = {"content-type": "multipart/form-data; boundary=zzz"}
+
+
+def _multipart(payload: bytes) -> bytes:
+    return (b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + payload + b"\r\n--zzz--\r\n")
+
+
+@pytest.fixture(scope="session")
+def small(built):
+    """The app built with a 1,000-byte upload limit (create_app's parameter: nothing patched after the fact)."""
+    return TestClient(create_app(built[0], max_upload_bytes=SMALL))
+
+
+def test_oversized_file_refused_even_when_the_body_size_passes(small):
+    """The endpoint checks the file itself too: this body is under the middleware's limit."""
+    res = small.post("/api/search/image", files={"file": ("big.png", _png(400, 400) + bytes(2000), "image/png")})
     assert res.status_code == 413 and "big.png is larger than the upload limit of 1,000 bytes" in res.json()["detail"]
+    assert small.get("/api/health").json()["max_upload_bytes"] == SMALL
+
+
+def test_body_over_the_limit_refused_by_its_content_length(small):
+    body = _multipart(bytes(BODY_LIMIT))
+    res = small.post("/api/search/image", content=body, headers=MULTIPART)
+    assert res.request.headers["content-length"] == str(len(body))
+    assert res.status_code == 413, res.text
+    assert res.json()["detail"].startswith(f"request body of {len(body):,} bytes is larger than the limit of "
+                                           f"{BODY_LIMIT:,} bytes (an image of at most {SMALL:,} bytes")
+    at_limit = _multipart(bytes(BODY_LIMIT - len(_multipart(b""))))      # exactly the limit: past the middleware
+    res = small.post("/api/search/image", content=at_limit, headers=MULTIPART)
+    assert res.status_code == 413 and "big.png is larger than the upload limit of 1,000 bytes" in res.json()["detail"]
+
+
+def test_chunked_body_over_the_limit_refused_while_it_arrives(small):
+    """No Content-Length (a generator body goes out chunked): the middleware counts the bytes as they come."""
+    body = _multipart(bytes(BODY_LIMIT))
+    res = small.post("/api/search/image", content=(body[i:i + 4096] for i in range(0, len(body), 4096)),
+                     headers=MULTIPART)
+    assert "content-length" not in res.request.headers and res.request.headers["transfer-encoding"] == "chunked"
+    assert res.status_code == 413, res.text
+    assert res.json()["detail"].startswith(f"request body of more than {BODY_LIMIT:,} bytes is larger than the "
+                                           f"limit of {BODY_LIMIT:,} bytes")
+
+
+def test_chunked_body_is_cut_off_once_it_passes_the_limit(built):
+    """At the ASGI level, chunk by chunk: the app stops reading right after the limit and answers 413."""
+    import asyncio
+    body = _multipart(bytes(3 * BODY_LIMIT))
+    chunks = [body[i:i + 8192] for i in range(0, len(body), 8192)]
+    read, sent = 0, []
+
+    async def receive():
+        nonlocal read
+        if read == len(chunks):
+            return {"type": "http.disconnect"}
+        read += 1
+        return {"type": "http.request", "body": chunks[read - 1], "more_body": read < len(chunks)}
+
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/search/image", "raw_path": b"/api/search/image", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", MULTIPART["content-type"].encode()), (b"transfer-encoding", b"chunked")],
+             "server": ("testserver", 80), "client": ("testclient", 50000)}
+    asyncio.run(create_app(built[0], max_upload_bytes=SMALL)(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    assert read == BODY_LIMIT // 8192 + 1 < len(chunks)              # the chunk that crossed the limit was the last
+    detail = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["detail"]
+    assert f"larger than the limit of {BODY_LIMIT:,} bytes" in detail
+
+
+def test_chunked_upload_under_the_limit_is_searched(client, built):
+    meta = json.loads((built[0] / "metadata.jsonl").read_text().splitlines()[0])
+    body = _multipart(png_bytes(meta["image"]))
+    res = client.post("/api/search/image", content=(body[i:i + 512] for i in range(0, len(body), 512)),
+                      headers=MULTIPART)
+    assert "content-length" not in res.request.headers
+    assert res.status_code == 200 and meta["id"] in [h["id"] for h in res.json()["results"] if h["score"] > 0.999]
 
 
 def test_upload_k_out_of_range(client, built):

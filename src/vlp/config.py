@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "ernie-vil2"          # the system: one of vlp.systems.NAMES (ernie-vil2, imagebert)
+    arch: str = "ernie-vil2"          # the system: one of vlp.systems.NAMES (ernie-vil2, imagebert, interbert)
     embed_dim: int = 256              # joint embedding size of the dual encoder
     # text tower: a BERT checkpoint directory ("minilm" = the packaged all-MiniLM-L6-v2), or "" for scratch
     text_init: str = "minilm"
@@ -48,6 +48,9 @@ class ModelConfig:
     # single-stream (imagebert): region feature size and detector classes, read from the region store
     region_dim: int = 0
     region_classes: int = 0
+    # interbert: the text tower's top layers that become the text-only stream (the image-only stream starts as a
+    # copy of them); the rest are shared by text and regions. MiniLM (6 layers): 4 shared + 2. 0 = all shared
+    extract_layers: int = 2
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
 
@@ -75,6 +78,8 @@ class DataConfig:
     hard_max_sim: float = 0.5         # tfidf: neighbours this similar or more are left out (likely false negatives)
     itm_clean: bool = False           # imagebert pretraining: ITM scores unmasked rows, each matched pair also
                                       # enters once masked for MLM / MOC / MRFR (UNITER's split); false: one masked pass
+    msm_spans: str = "anchors"        # interbert MSM: anchors (10% of words, each + 0-2 next words) | one (one per caption)
+    mrm_masking: str = "overlap"      # interbert MRM: overlap (regions with IoU >= 0.4 to an anchor go with it) | independent
 
 
 @dataclass
@@ -83,6 +88,8 @@ class TrainConfig:
     out: str = ""                     # run folder ("" = runs/<name>)
     seed: int = 0
     steps: int = 1000
+    time_budget: float = 0.0          # seconds for the loop (> 0: `steps` becomes what fits, measured on the first
+                                      # steps of the warmup, at most `steps`; the run records the count it chose)
     batch_size: int = 128
     grad_accum: int = 1
     lr: float = 1e-3
@@ -275,6 +282,7 @@ CHOICES = {
     ("model", "text_head"): ("linear", "mlp"),
     ("data", "augment"): ("none", "crop"),
 }
+BUDGET_MIN_WARMUP = 3                         # train.time_budget measures steps 2..min(20, warmup_steps)
 # step counts and sizes: the smallest valid value (0 where 0 means "never" / "all" / "off")
 MINIMUM = {
     ("train", "steps"): 0, ("train", "batch_size"): 1, ("train", "grad_accum"): 1, ("train", "warmup_steps"): 0,
@@ -307,6 +315,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"objectives.{name}: weight must be >= 0, got {weight}")
     if not any(w > 0 for w in cfg.objectives.values()):
         raise ConfigError("no objective has a positive weight")
+    if cfg.train.time_budget < 0 or (cfg.train.time_budget > 0 and cfg.train.warmup_steps < BUDGET_MIN_WARMUP):
+        raise ConfigError(f"train.time_budget = {cfg.train.time_budget} needs train.warmup_steps >= {BUDGET_MIN_WARMUP} "
+                          f"(the step rate is measured during the warmup, whose learning rates do not depend on the "
+                          f"total), got {cfg.train.warmup_steps}")
     if not 0 <= cfg.data.hard_negatives <= 1:
         raise ConfigError(f"data.hard_negatives is a share of the negatives, in [0, 1]; got {cfg.data.hard_negatives}")
 

@@ -1,4 +1,10 @@
-"""Retrieval metrics: recall@K both ways, RSUM, mean and median rank (papers.md, "Retrieval protocol").
+"""Retrieval metrics: recall@K both ways, RSUM, mean and median rank.
+
+The protocol is the image-sentence ranking of Karpathy & Fei-Fei, "Deep Visual-Semantic Alignments for
+Generating Image Descriptions" (CVPR 2015, Sec. 4.1: R@K and the median rank of the closest ground truth),
+with R@1/5/10 both ways as ImageBERT (Qi et al. 2020, "ImageBERT: Cross-modal Pre-training with
+Large-scale Weak-supervised Image-Text Data", Experiments) and UNITER (Chen et al., "UNITER: UNiversal
+Image-TExt Representation Learning", ECCV 2020, Experiments) report them; RSUM is the sum of the six.
 
 Image-to-text: an image hits at K if ANY of its ground-truth captions is in the top K; its rank is
 the rank of its best-scoring caption. Text-to-image: each caption has exactly one ground-truth image.

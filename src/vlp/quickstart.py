@@ -19,9 +19,6 @@ from vlp import config as config_lib
 
 PRESETS = Path(__file__).parent / "configs"
 PRESET = PRESETS / "emoji-ernie-vil2.toml"
-# Without native bf16 (AVX2-only CPUs) a float32 step costs about three times a bf16 one, so the quickstart trains
-# fewer steps there to keep its ten minutes (docs/results.md, "Machines without native bf16").
-FP32_BUDGET = {"train.steps": 180, "train.warmup_steps": 30}
 
 
 @dataclass
@@ -42,7 +39,13 @@ def run_steps(steps: list[Step]) -> dict[str, float]:
 
 
 def _same_config(run: Path, cfg: config_lib.Config, name: str = "config.toml") -> bool:
-    return (run / name).is_file() and (run / name).read_text() == config_lib.dump(cfg)
+    """Does `run` hold a run of this config (with a time budget: of any step count it fitted to the budget)?"""
+    path = run / name
+    if not path.is_file():
+        return False
+    if cfg.train.time_budget and not cfg.stages:
+        cfg = config_lib.updated(cfg, {"train.steps": config_lib.load(path).train.steps})
+    return path.read_text() == config_lib.dump(cfg)
 
 
 def _checkpoint_or_none(path: str) -> str | None:
@@ -54,14 +57,11 @@ def _checkpoint_or_none(path: str) -> str | None:
         return None
 
 
-def quickstart_config(out: str, data: str, overrides: list[str] | tuple = ()) -> tuple[config_lib.Config, dict]:
-    """The preset pointed at `data` and `out`, with FP32_BUDGET where this machine has no native bf16; the
-    user's `--set` overrides come last and win. -> (config, the budget applied)."""
-    from vlp.layers import bf16_is_fast
-    budget = {} if bf16_is_fast() else FP32_BUDGET
-    values = {"data.train": str(Path(data) / "dataset.json"), "train.out": str(out), **budget,
-              **config_lib.parse_sets(overrides)}
-    return config_lib.updated(config_lib.load(PRESET), values), budget
+def quickstart_config(out: str, data: str, overrides: list[str] | tuple = ()) -> config_lib.Config:
+    """The preset pointed at `data` and `out`; the user's `--set` overrides come last and win. The preset's
+    train.time_budget fits its step count to this machine (CPUs differ threefold in a step's time)."""
+    values = {"data.train": str(Path(data) / "dataset.json"), "train.out": str(out), **config_lib.parse_sets(overrides)}
+    return config_lib.updated(config_lib.load(PRESET), values)
 
 
 def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides: list[str] | tuple = ()) -> dict:
@@ -76,7 +76,7 @@ def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides
     from vlp.train.loop import train
 
     t0, run, res = time.perf_counter(), Path(out), {}
-    cfg, budget = quickstart_config(out, data, overrides)
+    cfg = quickstart_config(out, data, overrides)
 
     def emoji() -> None:
         counts, _ = ensure_emoji(data)
@@ -86,16 +86,14 @@ def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides
 
     def pretrain() -> None:
         same = _same_config(run, cfg)
+        budget = cfg.train.time_budget
         print(f"      {cfg.model.arch}, {cfg.model.image_encoder} image tower, text tower from "
-              f"{cfg.model.text_init or 'scratch'}, {cfg.train.steps} steps -> {run}"
-              + (" (resuming / reusing the finished run)" if same else ""))
-        if budget:
-            full = config_lib.load(PRESET).train.steps
-            print(f"      this CPU has no native bf16 matmuls: float32, {cfg.train.steps} steps instead of the preset's "
-                  f"{full} to stay within about 10 minutes (--set train.steps={full} for the full run)")
+              f"{cfg.model.text_init or 'scratch'} -> {run}" + (" (resuming / reusing the finished run)" if same else ""))
+        print(f"      up to {cfg.train.steps} steps, as many as fit in {budget:.0f} s on this machine (measured during "
+              f"the warmup; --set train.time_budget=0 for all of them)" if budget else f"      {cfg.train.steps} steps")
         t = time.perf_counter()
         train(cfg, resume=same, overwrite=True)
-        res["train_seconds"] = round(time.perf_counter() - t, 1)
+        res["train_seconds"], res["train_steps"] = round(time.perf_counter() - t, 1), cfg.train.steps
 
     def evaluate() -> None:
         model, tok, saved = load_checkpoint(run)

@@ -1,6 +1,6 @@
 """Region features on disk: a memory-mapped store, and the bottom-up-attention exchange formats.
 
-ImageBERT (Qi et al. 2020, Sec. 3.2) reads per image up to K detector regions, each a feature vector,
+ImageBERT (Qi et al. 2020, "Embedding modeling") reads per image up to K detector regions, each a feature vector,
 a box and the detector's class distribution. Such features are usually precomputed once, in one of
 the two formats of bottom-up attention (Anderson et al. 2018), both read and written here:
 

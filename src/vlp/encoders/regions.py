@@ -1,4 +1,4 @@
-"""Detector regions as transformer tokens (ImageBERT, Qi et al. 2020, Sec. 3.2 "Image embedding").
+"""Detector regions as transformer tokens (ImageBERT, Qi et al. 2020, "Embedding modeling": image embedding).
 
 A region (RoI) is a feature vector, a box and the detector's class distribution. Its embedding is
 LayerNorm(object + location + segment + position): the feature and the 5-d location

@@ -149,6 +149,8 @@ def evaluate_cross_encoder(model, tokenizer, records: list, store, max_len: int,
     rerank mode with `first_stage` = (dual encoder, its tokenizer, its image size) and `k`; several
     `fuse` weights give one result each (`fused_<w>` sections; the ITM scores are computed once per weight).
     limit: evaluate the first `limit` images only (exhaustive scoring grows as images x captions).
+    Images without regions (`skipped_no_regions`) and, in rerank mode, images the first stage cannot
+    decode (`skipped_unreadable`) are left out with their captions, counted and warned about.
     bf16: score under bf16 autocast (about twice the pairs/s on CPUs with bf16 matmuls)."""
     from vlp.data.formats import SkipReport
     from vlp.data.pairs import decode_images
@@ -161,6 +163,14 @@ def evaluate_cross_encoder(model, tokenizer, records: list, store, max_len: int,
     if missing := len(chosen) - len(kept):          # skipped and counted, never silently
         where = getattr(store, "path", "the store")
         print(f"warning: {missing} of {len(chosen)} evaluated images have no regions in {where}: skipped")
+    unreadable, images = 0, None
+    if first_stage is not None:     # the first stage reads the images: evaluate only those it can read
+        skipped = SkipReport()
+        decoded, images = decode_images(kept, first_stage[2], skipped, progress=False)
+        if unreadable := len(kept) - len(decoded):      # drop their captions and regions too: rows stay aligned
+            print(f"warning: {unreadable} of {len(kept)} evaluated images are unreadable: skipped "
+                  f"({skipped.summary()})")
+            kept = decoded
     caps = [(c, i) for i, r in enumerate(kept) for c in r.captions]
     ids, mask = tokenizer.encode([c for c, _ in caps], max_len)
     feats, boxes, rmask = _region_tensors(store, [r.image_id for r in kept])
@@ -169,9 +179,8 @@ def evaluate_cross_encoder(model, tokenizer, records: list, store, max_len: int,
     if first_stage is None:
         res = cross_encoder_recall(score, t2i, n_images=len(kept), progress=progress)
     else:
-        dual, dual_tok, image_size = first_stage
+        dual, dual_tok, _ = first_stage
         dual.eval()
-        _, images = decode_images(kept, image_size, SkipReport(), progress=False)
         te = embed_texts(dual, dual_tok, [c for c, _ in caps], max_len)
         ie = embed_images(dual, images)
         weights = [fuse] if isinstance(fuse, (int, float)) else list(fuse)
@@ -182,5 +191,5 @@ def evaluate_cross_encoder(model, tokenizer, records: list, store, max_len: int,
             res[f"fused_{w:g}"] = cross_encoder_recall(score, t2i, k=k, text_emb=te, image_emb=ie, progress=progress,
                                                        fuse=w)
         res["first_stage"] = recall_at_k(te @ ie.t(), t2i)          # the dual encoder alone, same queries
-    res["skipped_no_regions"] = missing
+    res["skipped_no_regions"], res["skipped_unreadable"] = missing, unreadable
     return res

@@ -1,4 +1,7 @@
-"""Retrieval evaluation of a dual encoder by the papers' protocol (papers.md, "Retrieval protocol").
+"""Retrieval evaluation of a dual encoder by the papers' protocol: held-out images and their captions
+ranked both ways (Karpathy & Fei-Fei, "Deep Visual-Semantic Alignments for Generating Image Descriptions",
+CVPR 2015: the splits in Sec. 4, "Datasets", the ranking in Sec. 4.1), reported as R@1/5/10 as in the
+ImageBERT (Qi et al. 2020) and UNITER (Chen et al., ECCV 2020) retrieval experiments; see `vlp.metrics`.
 
 Embed every test image and caption once, then compute recall@K in memory-bounded chunks
 (`vlp.metrics`). Several drawing styles (records with meta["style"]) are separate galleries: a

@@ -1,8 +1,8 @@
-"""ImageBERT's single-stream model (Qi et al. 2020, Sec. 3): one BERT over [CLS] text [SEP] + regions.
+"""ImageBERT's single-stream model (Qi et al. 2020, "ImageBERT model"): one BERT over [CLS] text [SEP] + regions.
 
 Text tokens are embedded by BERT's own embeddings (segment 0), regions by `RegionEmbedder`
 (segment 1, one shared position); the concatenation runs through the shared transformer. Heads:
-- MLM (Sec. 3.3, task 1): BERT's prediction head (dense, GELU, LayerNorm) and a decoder tied to the
+- MLM ("Pre-training tasks", MLM): BERT's prediction head (dense, GELU, LayerNorm) and a decoder tied to the
   word embeddings, applied only at the masked positions that have a label: computing vocabulary
   logits at every position would cost more than the rest of the forward pass.
 - MOC (task 2): the same kind of transform, then the detector's classes.

@@ -1,4 +1,4 @@
-"""Masked language modelling (ImageBERT, Qi et al. 2020, Sec. 3.3 task 1; BERT's MLM).
+"""Masked language modelling (ImageBERT, Qi et al. 2020, "Pre-training tasks": MLM; BERT's MLM).
 
 15% of the tokens are masked by `vlp.data.masking.mask_tokens` (80% [MASK], 10% random, 10% kept);
 the model predicts the original token from the text around it and the regions. The loss counts the

@@ -1,4 +1,4 @@
-"""The region classifier: a stand-in for ImageBERT's Visual Genome detector (Qi et al. 2020, Sec. 3.2).
+"""The region classifier: a stand-in for ImageBERT's Visual Genome detector (Qi et al. 2020, "Embedding modeling").
 
 ImageBERT reads detector regions: a pooled CNN feature, a box and the detector's class distribution
 per region. No Visual Genome detector exists here, so `RegionClassifier` is a torchvision trunk

@@ -29,7 +29,8 @@ from vlp.search.index import SearchIndex
 STATIC = Path(__file__).parent / "static"
 MAX_QUERY_CHARS = 256
 MAX_K = 100
-MAX_UPLOAD_BYTES = 5 * 2**20           # 5 MiB
+MAX_UPLOAD_BYTES = 5 * 2**20           # 5 MiB: create_app's default upload limit
+FRAMING = 2**16                        # request bytes allowed on top of the file: multipart boundaries and headers
 MAX_PIXELS = 40_000_000                # width * height of an uploaded image
 MAX_ASPECT = 20                        # longer side / shorter side: the centre crop would blow up otherwise
 THUMB_NAME = re.compile(r"[0-9]{6}\.png")
@@ -56,12 +57,12 @@ def _public(hit: dict) -> dict:
     return {**{k: v for k, v in hit.items() if k not in HIDDEN}, "thumbnail": f"/thumbs/{hit['thumbnail']}"}
 
 
-def _read_upload(file: UploadFile) -> Image.Image:
+def _read_upload(file: UploadFile, limit: int = MAX_UPLOAD_BYTES) -> Image.Image:
     """The uploaded file as a PIL RGB image, or a 4xx naming the file and the problem."""
     name = file.filename or "upload"
-    data = file.file.read(MAX_UPLOAD_BYTES + 1)
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise HTTPException(413, f"{name} is larger than the upload limit of {MAX_UPLOAD_BYTES:,} bytes")
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"{name} is larger than the upload limit of {limit:,} bytes")
     if not data:
         raise HTTPException(400, f"{name} is empty")
     try:
@@ -91,14 +92,15 @@ def _from_parser(detail) -> bool:
 
 class BodyLimit:
     """ASGI middleware: refuse a request body over `limit` bytes by its Content-Length, or while it
-    arrives when it has none (chunked), before the multipart parser spools it to disk."""
+    arrives when it has none (chunked), before the multipart parser spools it to disk. The 413 states
+    `limit`, the bound enforced here, and `note` what it is made of."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, note: str = ""):
+        self.app, self.limit, self.note = app, limit, note
 
     def _too_large(self, size: str) -> HTTPException:
-        return HTTPException(413, f"request body of {size} bytes is larger than the upload limit of "
-                                  f"{MAX_UPLOAD_BYTES:,} bytes")
+        return HTTPException(413, f"request body of {size} bytes is larger than the limit of {self.limit:,} bytes"
+                                  + (f" ({self.note})" if self.note else ""))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -120,8 +122,10 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def create_app(index: str | Path | SearchIndex, rerank: str | Path | None = None) -> FastAPI:
-    """The FastAPI app over an index folder (or an already loaded SearchIndex)."""
+def create_app(index: str | Path | SearchIndex, rerank: str | Path | None = None,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    """The FastAPI app over an index folder (or an already loaded SearchIndex). An uploaded image may
+    have `max_upload_bytes`; its request body that plus `FRAMING` (refused before it is parsed)."""
     check_rerank(rerank)
     idx = index if isinstance(index, SearchIndex) else SearchIndex.load(index)
     thumbs = (idx.folder / "thumbs").resolve()
@@ -141,7 +145,8 @@ def create_app(index: str | Path | SearchIndex, rerank: str | Path | None = None
             detail = f"{detail.rstrip('.')}: send the image as multipart/form-data with the field `file`"
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
-    app.add_middleware(BodyLimit, limit=MAX_UPLOAD_BYTES + 2**16)    # multipart framing on top of the file
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + FRAMING,
+                       note=f"an image of at most {max_upload_bytes:,} bytes plus {FRAMING:,} for multipart framing")
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -151,7 +156,7 @@ def create_app(index: str | Path | SearchIndex, rerank: str | Path | None = None
     def health() -> dict:
         return {"status": "ok", "images": idx.images_index.ntotal, "captions": idx.captions_index.ntotal,
                 "kind": idx.info["kind"], "checkpoint": idx.info["checkpoint"], "max_k": MAX_K,
-                "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES}
+                "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": max_upload_bytes}
 
     @app.get("/api/search")
     def search_text(q: str = "", k: int = 10) -> dict:
@@ -161,7 +166,7 @@ def create_app(index: str | Path | SearchIndex, rerank: str | Path | None = None
     @app.post("/api/search/image")
     def search_image(file: UploadFile = File(...), k: int = 10) -> dict:
         k = _check_k(k)
-        found = idx.search_image(_read_upload(file), k)
+        found = idx.search_image(_read_upload(file, max_upload_bytes), k)
         return {"results": [_public(h) for h in found["images"]],
                 "captions": [_public(c) for c in found["captions"]]}
 

@@ -4,7 +4,7 @@ Image-Text Data"): one BERT over [CLS] caption [SEP] + detector regions.
     data        RegionPairDataset (a manifest's records joined with a region store) + PairCollator (matched
                 pairs, sampled and hard negatives, masks made in the collator)
     model       ImageBERT: the text tower's embeddings + RegionEmbedder, one transformer, heads where a loss needs them
-    objectives  MLM, MOC, MRFR, ITM (Sec. 3.3); retrieval fine-tuning losses (Sec. 4.3)
+    objectives  MLM, MOC, MRFR, ITM ("Pre-training tasks"); retrieval fine-tuning losses ("Fine-tuning tasks")
     evaluation  cross-encoder retrieval: every pair scored, or a dual encoder's top k reranked (eval/rerank.py)
 """
 from __future__ import annotations

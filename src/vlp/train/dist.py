@@ -52,6 +52,15 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def broadcast_int(value: int) -> int:
+    """Rank 0's value on every rank (e.g. a step count measured on rank 0's clock)."""
+    if world() == 1:
+        return value
+    x = torch.tensor([value], dtype=torch.long, device=init())
+    td.broadcast(x, src=0)
+    return int(x.item())
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if world() == 1:
         return x

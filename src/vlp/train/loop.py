@@ -25,7 +25,10 @@ from vlp.data.pairs import ResumableBatches
 from vlp.layers import use_bf16
 from vlp.train import checkpoint as ckpt
 from vlp.train import dist
-from vlp.train.optim import build_optimizer, build_scheduler
+from vlp.train.optim import build_optimizer, build_scheduler, lr_lambda
+
+
+_clock = time.perf_counter          # the clock train.time_budget reads (tests substitute a deterministic one)
 
 
 class TrainingError(RuntimeError):
@@ -94,6 +97,8 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
             state = ckpt.trainer_state(run_dir)
         except FileNotFoundError:
             log.info(f"--resume: no checkpoint in {run_dir} yet, starting from step 0")
+    if state is not None and t.time_budget:
+        t.steps = state.get("total_steps", t.steps)        # the count this run fitted into its time budget
     if state is not None or init:
         model, tokenizer = ckpt.load_for_training(run_dir if state is not None else init, cfg)
     else:
@@ -141,10 +146,13 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
         torch.set_rng_state(state["rng"])
 
     # --- the loop -----------------------------------------------------------------------------------
-    bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=t.name,
-               disable=not (progress and dist.is_main()))
+    bar = tqdm(total=t.steps, initial=start_step, desc=t.name, disable=not (progress and dist.is_main()))
     tick, seen, data_s = time.perf_counter(), 0, 0.0      # data_s: time spent waiting for batches
-    for step in bar:
+    measure_at = min(20, t.warmup_steps) if t.time_budget else 0       # 0: the step count is fixed
+    measure_at = measure_at if start_step < measure_at else 0            # a resumed run measured it already
+    started = first_done = _clock()
+    step = start_step
+    while step < t.steps:
         model.train()
         totals: dict[str, float] = {}
         for _ in range(t.grad_accum):
@@ -166,7 +174,16 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        done = step + 1
+        done = step = step + 1
+        bar.update(1)
+        if done == start_step + 1:
+            first_done = _clock()                         # the first step carries one-off costs: measured from its end
+        if done == measure_at:
+            per_step = _fit_steps_to_budget(t, done - start_step, started, first_done, sched)
+            bar.total = t.steps
+            log.info(f"time budget {t.time_budget:.0f} s: {t.steps} steps at {per_step:.2f} s/step on this machine")
+            if dist.is_main():
+                (run_dir / "config.toml").write_text(config_lib.dump(cfg))
 
         if done % t.log_every == 0 or done == t.steps:
             elapsed = time.perf_counter() - tick
@@ -181,11 +198,25 @@ def train(cfg: config_lib.Config, resume: bool = False, init: str | None = None,
         if (t.save_every and done % t.save_every == 0) or done == t.steps:
             if dist.is_main():
                 ckpt.save_checkpoint(run_dir, done, model, tokenizer, cfg, keep=t.keep_checkpoints, trainer_state={
-                    "step": done, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state()})
+                    "step": done, "total_steps": t.steps, "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": torch.get_rng_state()})
             dist.barrier()
     bar.close()
     return run_dir
+
+
+def _fit_steps_to_budget(t: config_lib.TrainConfig, ran: int, started: float, first_done: float, sched) -> float:
+    """train.time_budget, after `ran` steps of this process: the total steps become what fits in the budget at
+    the rate of all but the first of them (at most train.steps; rank 0's count on every rank). Called within
+    the warmup, whose learning rates do not depend on the total, so the schedule is the one a run configured
+    with that count from the start follows. -> seconds per step."""
+    now = _clock()
+    per_step = (now - first_done) / (ran - 1) if ran > 1 else (now - started) / ran
+    done = sched.last_epoch
+    fits = done + int(max(0.0, t.time_budget - (now - started)) / max(per_step, 1e-9))
+    t.steps = dist.broadcast_int(max(done, min(t.steps, fits)))
+    sched.lr_lambdas = [lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio)] * len(sched.lr_lambdas)
+    return per_step
 
 
 def _init_new_rows(model, tokenizer, records, cfg, log) -> None:

@@ -1,4 +1,4 @@
-"""Multi-stage training (ImageBERT, Qi et al. 2020, Sec. 4.2): a config lists `[[stages]]`, each
+"""Multi-stage training (ImageBERT, Qi et al. 2020, "Multi-stage pre-training"): a config lists `[[stages]]`, each
 overriding the base config (its data, objectives and weights, steps, lr, ...) and starting from the
 weights the previous stage ended with. Every stage is an ordinary run of `vlp.train.loop.train`:
 
