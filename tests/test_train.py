@@ -27,24 +27,29 @@ def losses(run: Path) -> list[float]:
 
 LOCKED_MINILM = {"model.text_init": '"minilm"', "model.text_freeze_layers": 6, "model.new_token_init": '"pairs"'}
 IMAGEBERT = "src/vlp/configs/emoji-imagebert.toml"
+INTERBERT = "src/vlp/configs/emoji-interbert.toml"
+TINY_INTERBERT = {"model.text_layers": 3, "model.extract_layers": 1}     # 2 shared layers + 1 per stream
 
 
-def imagebert_cfg(data, regions, out, **extra):
-    """The ImageBERT preset at tiny size: a 2-layer text tower from scratch over the tiny region store."""
+def imagebert_cfg(data, regions, out, preset=IMAGEBERT, **extra):
+    """A region preset (ImageBERT's by default) at tiny size: a 2-layer text tower from scratch over the tiny
+    region store."""
     sets = [f'data.train="{data}"', f'data.regions="{regions}"', f'train.out="{out}"', "train.steps=6",
             "train.batch_size=8", "train.log_every=1", "train.save_every=3", "train.warmup_steps=2",
             "train.precision=fp32", 'model.text_init=""', "model.text_width=32", "model.text_layers=2",
             "model.text_heads=2"] + [f"{k}={v}" for k, v in extra.items()]
-    return config.load(Path(__file__).parents[1] / IMAGEBERT, sets)
+    return config.load(Path(__file__).parents[1] / preset, sets)
 
 
-@pytest.mark.parametrize("text", ["scratch", "locked-minilm", "imagebert"])
+@pytest.mark.parametrize("text", ["scratch", "locked-minilm", "imagebert", "interbert"])
 def test_resume_equals_uninterrupted(text, emoji_tiny, regions_tiny, tmp_path, monkeypatch):
-    """Also with a locked MiniLM tower (features of English captions from `cache_text`) and with
-    ImageBERT (negatives and masks drawn in the collator)."""
-    extra = LOCKED_MINILM if text == "locked-minilm" else {}
+    """Also with a locked MiniLM tower (features of English captions from `cache_text`), with
+    ImageBERT (negatives and masks drawn in the collator) and with InterBERT (MSM segments, overlap masking,
+    TF-IDF hard negatives)."""
+    extra = {"locked-minilm": LOCKED_MINILM, "interbert": TINY_INTERBERT}.get(text, {})
     make = ((lambda out, **kw: imagebert_cfg(emoji_tiny, regions_tiny, out, **kw)) if text == "imagebert"
-            else (lambda out, **kw: tiny_cfg(emoji_tiny, out, **kw)))
+            else (lambda out, **kw: imagebert_cfg(emoji_tiny, regions_tiny, out, preset=INTERBERT, **kw))
+            if text == "interbert" else (lambda out, **kw: tiny_cfg(emoji_tiny, out, **kw)))
     full = loop.train(make(tmp_path / "full", **extra), progress=False)
 
     real_save = ckpt.save_checkpoint
@@ -93,8 +98,9 @@ def test_nan_loss_stops_with_last_checkpoint_intact(emoji_tiny, tmp_path, monkey
 def test_every_preset_tiny_forward_backward(preset, emoji_tiny, regions_tiny, tmp_path):
     """Each preset, shrunk (small images, 2 steps per stage, batch 8), trains, saves and evaluates (dual
     encoders) or logs every objective (single stream, over the tiny region store)."""
+    from vlp import systems
     base = config.load(preset)
-    single = base.model.arch == "imagebert"
+    single = systems.get(base.model.arch).CROSS_ENCODER
     tiny = {"data.train": f'"{emoji_tiny}"', "train.steps": 2, **({"data.regions": f'"{regions_tiny}"'} if single else {})}
     per_stage = [f"stages.{st['name']}.{k}={v}" for st in base.stages for k, v in tiny.items()]
     cfg = config.load(preset, [f"{k}={v}" for k, v in tiny.items()] + per_stage + [

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from vlp.data.masking import IGNORE, mask_regions, mask_tokens
+from vlp.data.masking import IGNORE, mask_regions, mask_regions_overlap, mask_segments, mask_tokens
 from vlp.data.transforms import normalize
 
 
@@ -71,7 +71,7 @@ class Collator:
 
 class PairCollator:
     """Samples of (caption, regions) -> a Batch of matched pairs and sampled negatives for a
-    single-stream model (ImageBERT, Qi et al. 2020, Sec. 3.3-3.4).
+    single-stream model (ImageBERT, Qi et al. 2020, "Pre-training tasks" and "Fine-tuning tasks").
 
     A sample is a dict: "text" str, "feats" (K, F), "boxes" (K, 5) locations, "labels" (K,) long,
     optional "probs" (K, C), "group" int (samples of one group are never each other's negatives).
@@ -85,12 +85,30 @@ class PairCollator:
     sees a caption whose object word is masked or a scene whose object is zeroed); 1.5x the rows.
     With `hard` > 0, each negative row is, with that probability, drawn from the sample's "hard"
     neighbours (`RegionPairDataset(hard_pool=...)`, captions alike by TF-IDF) instead of the batch.
+
+    InterBERT's options (Lin et al. 2020): `text_masking` "tokens" (BERT's 15% of tokens, the default),
+    "segments" (MSM: anchor words at 10%, each with its next 0-2 words, `masking.mask_segments`) or
+    "one_segment" (one segment per caption, the released code); `region_masking` "independent" (each region
+    alone, the default) or "overlap" (regions overlapping an anchor by IoU >= 0.4 masked with it,
+    `masking.mask_regions_overlap`); `four_way` (with negatives=3): the rows of each sample are exactly
+    [match, a random caption, a random image, a hard image] (the released code's retrieval fine-tuning),
+    the hard image from the sample's first "hard" neighbour (a random image when it has none).
     """
 
     def __init__(self, tokenizer, max_len: int, negatives: int = 1, mask: bool = True, seed: int = 0,
-                 hard: float = 0.0, clean_itm: bool = False):
+                 hard: float = 0.0, clean_itm: bool = False, text_masking: str = "tokens",
+                 region_masking: str = "independent", four_way: bool = False):
+        if text_masking not in ("tokens", "segments", "one_segment"):
+            raise ValueError(f"text_masking must be tokens, segments or one_segment, got {text_masking!r}")
+        if region_masking not in ("independent", "overlap"):
+            raise ValueError(f"region_masking must be independent or overlap, got {region_masking!r}")
+        if four_way and negatives != 3:
+            raise ValueError(f"four_way rows are [match, random caption, random image, hard image]: negatives = 3, "
+                             f"got {negatives}")
         self.tok, self.max_len, self.negatives, self.mask, self.seed = tokenizer, max_len, negatives, mask, seed
         self.hard, self.clean_itm = hard, clean_itm and mask
+        self.text_masking, self.region_masking, self.four_way = text_masking, region_masking, four_way
+        self.continuation = tokenizer.continuation_ids() if mask and text_masking != "tokens" else None
 
     @staticmethod
     def _other(i: int, groups: list[int], gen: torch.Generator) -> int:
@@ -109,6 +127,13 @@ class PairCollator:
         rows = []                                         # (caption sample, regions sample, matched)
         for i in range(len(samples)):
             rows.append((i, i, True))
+            if self.four_way:                             # random caption, random image, hard image
+                hard = list(samples[i].get("hard") or [])
+                rows += [(self._other(i, groups, gen), i, False), (i, self._other(i, groups, gen), False)]
+                if hard:
+                    pool.append(hard[0])
+                rows.append((i, len(pool) - 1 if hard else self._other(i, groups, gen), False))
+                continue
             hard = list(samples[i].get("hard") or []) if self.hard > 0 else []
             for k in range(self.negatives):
                 if hard and float(torch.rand((), generator=gen)) < self.hard:
@@ -140,12 +165,22 @@ class PairCollator:
             at = slice(n_clean, None) if self.clean_itm else slice(None)
             special = sorted({self.tok.pad_id, self.tok.unk_id, self.tok.cls_id, self.tok.sep_id, self.tok.mask_id})
             b.text_ids, b.mlm_labels = ids.clone(), torch.full_like(ids, IGNORE)
-            b.text_ids[at], b.mlm_labels[at] = mask_tokens(ids[at], mask[at], mask_id=self.tok.mask_id,
-                                                           vocab_size=self.tok.vocab_size, special_ids=special,
-                                                           rows=matched[at], gen=gen)
+            common = dict(mask_id=self.tok.mask_id, vocab_size=self.tok.vocab_size, special_ids=special,
+                          rows=matched[at], gen=gen)
+            if self.text_masking == "tokens":
+                b.text_ids[at], b.mlm_labels[at] = mask_tokens(ids[at], mask[at], **common)
+            else:                                         # whole words: a "##" piece goes with its word
+                starts = ~self.continuation[ids[at]]
+                b.text_ids[at], b.mlm_labels[at] = mask_segments(ids[at], mask[at], word_start=starts,
+                                                                 one_span=self.text_masking == "one_segment", **common)
             b.region_orig, feats = b.region_feats, b.region_feats.clone()
             b.region_targets = torch.zeros_like(region_mask)
-            feats[at], b.region_targets[at] = mask_regions(b.region_feats[at], region_mask[at], rows=matched[at], gen=gen)
+            if self.region_masking == "independent":
+                feats[at], b.region_targets[at] = mask_regions(b.region_feats[at], region_mask[at], rows=matched[at],
+                                                               gen=gen)
+            else:                                         # the 5-d locations' x1, y1, x2, y2 (IoU is scale-free)
+                feats[at], b.region_targets[at] = mask_regions_overlap(
+                    b.region_feats[at], b.region_boxes[at, :, :4], region_mask[at], rows=matched[at], gen=gen)
             b.region_feats = feats
             if self.clean_itm:
                 b.itm_rows = torch.arange(len(rows)) < n_clean

@@ -151,6 +151,13 @@ class Tokenizer:
             ids = ids.tolist()
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def continuation_ids(self) -> Tensor:
+        """(vocab_size,) bool: True at the ids of pieces that continue a word ("##oj" in "em ##oj ##i"),
+        so whole-word masking (InterBERT's segments) can keep a word's pieces together."""
+        prefix = getattr(self._tok.model, "continuing_subword_prefix", "##")
+        tokens = (self._tok.id_to_token(i) for i in range(self.vocab_size))
+        return torch.tensor([t is not None and len(t) > len(prefix) and t.startswith(prefix) for t in tokens])
+
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json, vocab.txt and tokenizer_config.json, so `from_dir` (and HF) reload it."""
         path = Path(path)

@@ -1,4 +1,4 @@
-"""Masked region objectives (ImageBERT, Qi et al. 2020, Sec. 3.3 tasks 2 and 3).
+"""Masked region objectives (ImageBERT, Qi et al. 2020, "Pre-training tasks": MOC and MRFR).
 
 15% of the regions are masked by `vlp.data.masking.mask_regions` (feature zeroed 90% of the time,
 kept 10%); both losses count the masked regions of matched pairs only (`batch.region_targets`).
@@ -7,6 +7,12 @@ kept 10%); both losses count the masked regions of matched pairs only (`batch.re
   KL divergence to the detector's whole class distribution.
 - MRFR, masked region feature regression: reconstruct the region's original feature, L2 loss
   (mean squared error per feature dimension, averaged over regions).
+
+InterBERT (Lin et al. 2020, pre-training tasks: MRM) has one region objective:
+- MRM, masked region modeling: regions are masked by `vlp.data.masking.mask_regions_overlap` (an anchor
+  and every region overlapping it by IoU >= 0.4, zeroed) and the model predicts each masked region's
+  class distribution: KL divergence from the detector's distribution (`batch.region_probs`, the region
+  store's `cls_prob`) to the predicted one, averaged over the masked regions of matched pairs.
 """
 from __future__ import annotations
 
@@ -39,3 +45,16 @@ class MaskedRegionFeatureRegression(nn.Module):
         if pred.shape[0] == 0:
             return pred.sum() * 0.0
         return F.mse_loss(pred, batch.region_orig[batch.region_targets].float())
+
+
+class MaskedRegionModeling(nn.Module):
+    def forward(self, out, batch) -> Tensor:
+        """out.mrm_logits (K, C) at the target regions (row-major order of batch.region_targets);
+        -> KL(detector distribution || softmax(logits)), summed over classes, averaged over the K regions."""
+        logits = out.mrm_logits.float()
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0
+        if batch.region_probs is None:
+            raise ValueError("MRM needs the detector's class distributions (the region store's cls_prob)")
+        probs = batch.region_probs[batch.region_targets].float()                # (K, C)
+        return F.kl_div(F.log_softmax(logits, -1), probs, reduction="batchmean")

@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 from torch import nn
 
-NAMES = ("ernie-vil2", "imagebert")
+NAMES = ("ernie-vil2", "imagebert", "interbert")
 
 
 def get(arch: str) -> "System":
@@ -29,6 +29,8 @@ def get(arch: str) -> "System":
             from vlp.systems import ernie_vil2 as module
         case "imagebert":
             from vlp.systems import imagebert as module
+        case "interbert":
+            from vlp.systems import interbert as module
         case _:
             raise ValueError(f"unknown model.arch {arch!r}; valid: {', '.join(NAMES)}")
     return module
