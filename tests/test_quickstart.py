@@ -3,7 +3,7 @@ rerank and exhaustive sections with the design keys, and a second call reuses al
 import dataclasses
 import json
 
-from vlp.quickstart import ImageBERTQuickstart, quickstart_imagebert
+from vlp.quickstart import CrossQuickstart, ImageBERTQuickstart, quickstart_cross, quickstart_imagebert
 
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
@@ -55,6 +55,28 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
     assert plain["region_dim"] == 512 and plain["crop_encoder"] is None
 
 
+def test_interbert_quickstart_evaluates_each_language_and_its_streams(emoji_tiny, tmp_path):
+    """The same path with InterBERT's presets: per-language sections with the dual, reranked and single-modal
+    (text and image streams alone) results, each with the design keys."""
+    from test_train import tiny_cfg
+    from vlp.train import loop
+    crops = loop.train(tiny_cfg(emoji_tiny, tmp_path / "de", **{"train.steps": 2}), progress=False)
+    res = quickstart_cross(CrossQuickstart(
+        "interbert", out=str(tmp_path / "qi"), data=str(emoji_tiny.parent), scenes=str(tmp_path / "scenes"),
+        n_scenes=40, rerank_k=4, eval_limit=6, exhaustive_limit=5, val_limit=4, dual_init="", crop_encoder=str(crops),
+        classifier={"steps": 2, "batch_size": 8, "image_size": 32},
+        pretrain={"stages.emoji.train.steps": 2, "stages.scenes.train.steps": 2, "train.batch_size": 8,
+                  "train.precision": "fp32", "stages.scenes.data.train_limit": 9},
+        finetune={"train.steps": 2, "train.batch_size": 4, "train.precision": "fp32", "data.train_limit": 12},
+        dual={"train.steps": 2, "train.batch_size": 8, "model.image_size": 32}))
+    assert (tmp_path / "qi" / "interbert" / "stages.toml").is_file()
+    for section in ("dual", "rerank", "single_modal"):
+        for lang in ("en", "zh"):
+            assert all(0 <= res[lang][section][k] <= (600 if k == "rsum" else 100) for k in KEYS), (lang, section)
+    assert res["en"]["dual"]["n_texts"] + res["zh"]["dual"]["n_texts"] == res["dual"]["n_texts"]
+    assert all(0 <= res["single_modal"][k] <= 100 for k in KEYS[:6])
+
+
 def test_ernie_quickstart_fits_its_steps_to_the_machine(tmp_path):
     """The quickstart's preset carries a time budget (the step count is fitted during the warmup); a rerun
     recognises a run that recorded a fitted count as the same run; a user's --set still wins."""
@@ -75,15 +97,17 @@ def test_imagebert_quickstart_budget_without_native_bf16():
     """Without native bf16 the ImageBERT quickstart trains IMAGEBERT_FP32_BUDGET's steps; with it the presets' own;
     what the caller gives wins in both."""
     from vlp import config
-    from vlp.quickstart import CLASSIFIER, DUAL, IMAGEBERT, IMAGEBERT_FP32_BUDGET as B
+    from vlp.quickstart import CLASSIFIER, CROSS_TIME_BUDGETS as T, DUAL, IMAGEBERT, IMAGEBERT_FP32_BUDGET as B
     plain = ImageBERTQuickstart().resolved(fast=True)
     assert (plain.classifier, plain.pretrain, plain.finetune, plain.dual, plain.exhaustive_limit) == (
-        CLASSIFIER, {}, {}, DUAL, 100)
+        CLASSIFIER, T["pretrain"], T["finetune"], {**DUAL, **T["dual"]}, 100)
+    assert plain.out == "runs/quickstart-imagebert" and plain.languages == ()
+    assert CrossQuickstart("interbert").resolved(fast=True).languages == ("en", "zh")
     cut = ImageBERTQuickstart().resolved(fast=False)
     assert cut.classifier["steps"] == B["classifier"]["steps"] < CLASSIFIER["steps"] and cut.exhaustive_limit == 40
     full, short = config.load(IMAGEBERT), config.updated(config.load(IMAGEBERT), cut.pretrain)
     assert all(c["train"]["steps"] < f["train"]["steps"] for c, f in zip(short.stages, full.stages))
-    assert cut.finetune == B["finetune"] and cut.dual == {**DUAL, **B["dual"]}
+    assert cut.finetune == {**B["finetune"], **T["finetune"]} and cut.dual == {**DUAL, **B["dual"], **T["dual"]}
     mine = ImageBERTQuickstart(classifier={"steps": 3}, pretrain={"stages.scenes.train.steps": 7},
                                finetune={"train.steps": 5}, dual={"train.steps": 4}, exhaustive_limit=9).resolved(False)
     assert mine.classifier["steps"] == 3 and mine.exhaustive_limit == 9

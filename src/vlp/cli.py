@@ -115,11 +115,11 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_quickstart(args) -> None:
-    from vlp.quickstart import ImageBERTQuickstart, quickstart, quickstart_imagebert
-    if args.system == "imagebert":
+    from vlp.quickstart import CrossQuickstart, quickstart, quickstart_cross
+    if args.system in ("imagebert", "interbert"):
         from vlp.config import parse_sets
-        quickstart_imagebert(ImageBERTQuickstart(out=args.out or "runs/quickstart-imagebert", data=args.data,
-                                                 pretrain=parse_sets(args.set or [])))
+        quickstart_cross(CrossQuickstart(args.system, out=args.out or "", data=args.data, regions="runs/quickstart-regions",
+                                         pretrain=parse_sets(args.set or [])))
     else:
         quickstart(out=args.out or "runs/quickstart", data=args.data, overrides=args.set or [])
 
@@ -229,10 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=cmd_evaluate)
 
     q = sub.add_parser("quickstart", help="the main job on the embedded emoji data, end to end")
-    q.add_argument("--system", choices=["ernie-vil2", "imagebert"], default="ernie-vil2",
-                   help="ernie-vil2: the dual encoder on the emoji set (about 10 min); imagebert: scenes, regions, "
-                        "two-stage pretraining, fine-tuning and reranked retrieval (about 30 min)")
-    q.add_argument("--out", help="run folder (default runs/quickstart or runs/quickstart-imagebert)")
+    q.add_argument("--system", choices=["ernie-vil2", "imagebert", "interbert"], default="ernie-vil2",
+                   help="ernie-vil2: the dual encoder on the emoji set (about 10 min); imagebert / interbert: scenes, "
+                        "regions, two-stage pretraining, fine-tuning and reranked retrieval (about 30 min)")
+    q.add_argument("--out", help="run folder (default runs/quickstart or runs/quickstart-<system>)")
     q.add_argument("--data", default="data/emoji")
     q.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     q.set_defaults(fn=cmd_quickstart)

