@@ -23,6 +23,8 @@ class Batch:
     tag_ids: Tensor | None = None         # tags as a textual view
     tag_mask: Tensor | None = None
     tag_group: Tensor | None = None       # (B,) long: rows with identical tag strings
+    image_index: Tensor | None = None     # (B,) long: the dataset rows of `images` (and `images2`), for caches
+    image2_index: Tensor | None = None
     # single-stream systems (ImageBERT): detector regions, masking targets, matching labels
     region_feats: Tensor | None = None    # (B, R, F) float, masked regions already zeroed
     region_boxes: Tensor | None = None    # (B, R, 5) float locations (encoders.regions.box_features)
@@ -58,9 +60,11 @@ class Collator:
     def __call__(self, samples: list[dict]) -> Batch:
         ids, mask = self.tok.encode([s["text"] for s in samples], self.max_len)
         b = Batch(images=normalize(torch.stack([s["image"] for s in samples])), text_ids=ids, text_mask=mask,
-                  group=torch.tensor([s["group"] for s in samples]))
+                  group=torch.tensor([s["group"] for s in samples]),
+                  image_index=torch.tensor([s["index"] for s in samples]))
         if "image2" in self.views:
             b.images2 = normalize(torch.stack([s["image2"] for s in samples]))
+            b.image2_index = torch.tensor([s["index2"] for s in samples])
         if "text2" in self.views:
             b.text2_ids, b.text2_mask = self.tok.encode([s["text2"] for s in samples], self.max_len)
         if "tags" in self.views:

@@ -78,7 +78,7 @@ class PairDataset(Dataset):
         c2 = others[int(torch.randint(len(others), (1,), generator=gen))]
         tags = " ; ".join(self.records[first].tags)
         return {"image": self._view(first, gen), "image2": self._view(second, gen), "text": c1[0], "text2": c2[0],
-                "tags": tags, "tag_group": zlib.crc32(tags.encode()), "group": g}
+                "tags": tags, "tag_group": zlib.crc32(tags.encode()), "group": g, "index": first, "index2": second}
 
 
 class ResumableBatches:

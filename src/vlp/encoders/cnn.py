@@ -69,6 +69,20 @@ def read_state_dict(file: str | Path) -> dict[str, Tensor]:
     return state
 
 
+def check_fit(file, state: dict[str, Tensor], ours: dict[str, Tensor], what: str, hint: str) -> None:
+    """Every tensor of `ours` must come from `state` with its shape, and `state` holds nothing else; else a
+    ValueError naming the file, the problem and up to five tensors. BatchNorm's num_batches_tracked
+    counters may be missing (older checkpoints carry none)."""
+    unexpected = sorted(set(state) - set(ours))
+    missing = sorted(k for k in set(ours) - set(state) if not k.endswith("num_batches_tracked"))
+    wrong = [f"{k} {tuple(v.shape)} vs expected {tuple(ours[k].shape)}"
+             for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+    for problem, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            more = f" ... and {len(keys) - 5} more" if len(keys) > 5 else ""
+            raise ValueError(f"{file}: {problem} tensor(s) for {what}: {', '.join(keys[:5])}{more} ({hint})")
+
+
 class TorchvisionTrunk(nn.Module):
     """A torchvision classifier without its head, up to the last feature map, as tokens."""
 
@@ -93,16 +107,7 @@ class TorchvisionTrunk(nn.Module):
         state = read_state_dict(file)
         ours = self.body.state_dict()
         state = {k: v for k, v in state.items() if k not in self._head_keys}
-        unexpected = sorted(set(state) - set(ours))
-        # old torchvision checkpoints carry no BatchNorm num_batches_tracked counters
-        missing = sorted(k for k in set(ours) - set(state) if not k.endswith("num_batches_tracked"))
-        wrong = [f"{k} {tuple(v.shape)} vs expected {tuple(ours[k].shape)}"
-                 for k, v in state.items() if k in ours and v.shape != ours[k].shape]
-        for problem, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                more = f" ... and {len(keys) - 5} more" if len(keys) > 5 else ""
-                raise ValueError(f"{file}: {problem} tensor(s) for this trunk: {', '.join(keys[:5])}{more} "
-                                 "(a different architecture or stem?)")
+        check_fit(file, state, ours, "this trunk", "a different architecture or stem?")
         self.body.load_state_dict(state, strict=False)
 
     def feature_map(self, images: Tensor) -> Tensor:

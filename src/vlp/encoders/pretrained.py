@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vlp.encoders.cnn import read_state_dict
+from vlp.encoders.cnn import check_fit, read_state_dict
 from vlp.layers import Tokens
 
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))      # vlp.data.transforms.MEAN / STD
@@ -193,15 +193,7 @@ class TimmTrunk(nn.Module):
             state = from_efficientnet_pytorch(state, self.model.blocks)
         ours = self.model.state_dict()
         state = {k: v for k, v in state.items() if not k.startswith(self._head + ".")}
-        unexpected = sorted(set(state) - set(ours))
-        missing = sorted(k for k in set(ours) - set(state) if not k.endswith("num_batches_tracked"))
-        wrong = [f"{k} {tuple(v.shape)} vs expected {tuple(ours[k].shape)}"
-                 for k, v in state.items() if k in ours and v.shape != ours[k].shape]
-        for problem, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                more = f" ... and {len(keys) - 5} more" if len(keys) > 5 else ""
-                raise ValueError(f"{file}: {problem} tensor(s) for a timm {self.name!r} trunk: "
-                                 f"{', '.join(keys[:5])}{more} (a different architecture?)")
+        check_fit(file, state, ours, f"a timm {self.name!r} trunk", "a different architecture?")
         self.model.load_state_dict(state, strict=False)
 
     def feature_map(self, images: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlp.encoders.joint import JointTrunk
 from vlp.layers import Tokens, length_groups
 
 
@@ -132,9 +133,10 @@ class DualEncoder(nn.Module):
             pooled.append(mean_pool(self.text(ids[rows, :n], mask[rows, :n])))   # (c, W)
         return torch.cat(pooled)[back]                                         # back to the order of `sel`
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        """images: (B, 3, H, W) normalised floats -> (B, D) unit vectors."""
-        t = self.image(images)
+    def encode_image(self, images: Tensor, index: Tensor | None = None) -> Tensor:
+        """images: (B, 3, H, W) normalised floats -> (B, D) unit vectors. index (B,): the training images' rows,
+        for a tower with precomputed locked features (`JointTrunk`)."""
+        t = self.image(images) if index is None else self.image(images, index)
         pooled = t.x[:, 0] if self.image_pool == "cls" else mean_pool(t)    # (B, C)
         return F.normalize(self.image_proj(self.image_norm(pooled)), dim=-1)
 
@@ -144,7 +146,10 @@ class DualEncoder(nn.Module):
     def forward(self, batch) -> DualOutput:
         """Encode every view the batch carries; both image views go through the tower in one pass."""
         images = batch.images if batch.images2 is None else torch.cat([batch.images, batch.images2])
-        img = self.encode_image(images)                              # (B or 2B, D)
+        index = None                                                 # rows of a precomputed locked-feature cache
+        if isinstance(self.image, JointTrunk) and self.image.cache is not None and batch.image_index is not None:
+            index = batch.image_index if batch.images2 is None else torch.cat([batch.image_index, batch.image2_index])
+        img = self.encode_image(images, index)                       # (B or 2B, D)
         img1, img2 = (img, None) if batch.images2 is None else img.chunk(2)
         texts = [(batch.text_ids, batch.text_mask)]
         for ids, mask in ((batch.text2_ids, batch.text2_mask), (batch.tag_ids, batch.tag_mask)):

@@ -52,10 +52,17 @@ def train_data(cfg, records: list, tokenizer, report, log, progress: bool = True
 
 
 def before_training(model: nn.Module, data: TrainData, tokenizer, cfg, autocast, log) -> None:
-    """A locked text tower (LiT): the pooled features of every training caption it cannot change, once."""
+    """LiT's precomputation for what is locked: a locked image trunk beside the trained one (`JointTrunk`) sees
+    every training image once; a locked text tower the training captions it cannot change."""
+    from vlp.data.transforms import normalize
+    from vlp.encoders.joint import JointTrunk
+    device = next(model.parameters()).device
+    if isinstance(model.image, JointTrunk):
+        with autocast:
+            n = model.image.precompute(data.dataset.images, normalize)
+        log.info(f"locked image trunk: features of {n} training images precomputed")
     if not model.text.freezing.locked:
         return
-    device = next(model.parameters()).device
     captions = sorted({c for r in data.records for c in r.captions})
     ids, mask = tokenizer.encode(captions, cfg.model.text_max_len)
     with autocast:
