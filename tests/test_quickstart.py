@@ -43,10 +43,12 @@ def test_imagebert_quickstart_end_to_end_and_reuse(emoji_tiny, tmp_path, capsys)
     for run in ("imagebert", "imagebert/stages/emoji", "retrieval", "dual"):
         assert (tmp_path / "qs" / run / "checkpoints" / "latest").is_file(), run
     capsys.readouterr()
+    logs = {run: (tmp_path / "qs" / run / "metrics.jsonl").read_text() for run in ("retrieval", "dual")}  # rates differ per run
 
     again = quickstart_imagebert(tiny)                       # everything finished: reused, same numbers
     out = capsys.readouterr().out
     assert "training the region classifier" not in out and "extracting" not in out and "skipped" in out
+    assert all(logs[run] == (tmp_path / "qs" / run / "metrics.jsonl").read_text() for run in logs)   # not retrained
     assert {k: again["rerank"][k] for k in KEYS} == {k: res["rerank"][k] for k in KEYS}
 
     plain = quickstart_imagebert(dataclasses.replace(tiny, crop_encoder=""))   # other region features: extracted and trained again

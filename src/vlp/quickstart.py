@@ -10,6 +10,7 @@ pasted from strings. The figures behind the settings chosen here are in docs/res
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -41,11 +42,18 @@ def run_steps(steps: list[Step]) -> dict[str, float]:
 
 def _same_config(run: Path, cfg: config_lib.Config, name: str = "config.toml") -> bool:
     """Does `run` hold a run of this config (with a time budget: of any step count it fitted to the budget)?"""
+    from vlp import systems
     path = run / name
     if not path.is_file():
         return False
-    if cfg.train.time_budget and not cfg.stages:
-        cfg = config_lib.updated(cfg, {"train.steps": config_lib.load(path).train.steps})
+    if not cfg.stages:                  # what the run filled in: sizes read from its data (e.g. a region store)
+        cfg = copy.deepcopy(cfg)
+        try:
+            systems.get(cfg.model.arch).check(cfg)
+        except (config_lib.ConfigError, FileNotFoundError):
+            return False
+        if cfg.train.time_budget:
+            cfg = config_lib.updated(cfg, {"train.steps": config_lib.load(path).train.steps})
     return path.read_text() == config_lib.dump(cfg)
 
 
@@ -313,8 +321,8 @@ def quickstart_cross(plan: CrossQuickstart | None = None) -> dict:
             "fused_t2i_r1": {f"{w:g}": val[f"fused_{w:g}"]["t2i_r1"] for w in FUSE}}
         print(f"      fuse weight {chosen:g} chosen on the first {p.val_limit} val scenes (t2i R@1: "
               + ", ".join(f"W={w} {r:.2f}" for w, r in sel["fused_t2i_r1"].items()) + ")")
-        print(f"      on the first {p.eval_limit} test scenes: the dual encoder alone, ImageBERT reranking its top "
-              f"{p.rerank_k}, and ImageBERT scoring every pair of the first {p.exhaustive_limit}")
+        print(f"      on the first {p.eval_limit} test scenes: the dual encoder alone, {p.system} reranking its top "
+              f"{p.rerank_k}, and {p.system} scoring every pair of the first {p.exhaustive_limit}")
         records, _ = read_records(scenes_json, split="test")
         rerank = system.evaluate(model, tok, mcfg, records,
                                  systems.EvalOptions(**{**opts.__dict__, "limit": p.eval_limit, "fuse": (0.0, chosen)}))
