@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from test_train import losses, tiny_cfg
+from test_train import interrupted_after, losses, tiny_cfg
 from vlp import config
 from vlp.train import checkpoint as ckpt
 from vlp.train import loop
@@ -52,16 +52,7 @@ def test_budget_run_records_its_steps_and_resumes_exactly(emoji_tiny, tmp_path, 
     lrs = [json.loads(line)["lr"] for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)                      # the cosine ends at the fitted count
 
-    real_save = ckpt.save_checkpoint
-
-    def save_then_crash(run_dir, step, *a, **k):
-        real_save(run_dir, step, *a, **k)
-        if step == 6:
-            raise KeyboardInterrupt("simulated interruption")
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(budget_cfg(emoji_tiny, tmp_path / "cut"), progress=False)
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    interrupted_after(monkeypatch, 6, lambda: loop.train(budget_cfg(emoji_tiny, tmp_path / "cut"), progress=False))
     cfg = budget_cfg(emoji_tiny, tmp_path / "cut")               # steps = 12 as configured: the run's own 7 win
     loop.train(cfg, resume=True, progress=False)
     assert cfg.train.steps == 7 and losses(tmp_path / "cut") == losses(full)

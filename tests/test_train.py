@@ -25,6 +25,21 @@ def losses(run: Path) -> list[float]:
             if "loss" in json.loads(line)]
 
 
+def interrupted_after(monkeypatch, step: int, run) -> None:
+    """Call run() with the checkpoint writer raising KeyboardInterrupt right after it wrote `step`: a run
+    interrupted there, its last checkpoint intact."""
+    real_save = ckpt.save_checkpoint
+
+    def save_then_crash(run_dir, at, *a, **k):
+        real_save(run_dir, at, *a, **k)
+        if at == step:
+            raise KeyboardInterrupt("simulated interruption")
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+
+
 LOCKED_MINILM = {"model.text_init": '"minilm"', "model.text_freeze_layers": 6, "model.new_token_init": '"pairs"'}
 IMAGEBERT = "src/vlp/configs/emoji-imagebert.toml"
 INTERBERT = "src/vlp/configs/emoji-interbert.toml"
@@ -51,17 +66,7 @@ def test_resume_equals_uninterrupted(text, emoji_tiny, regions_tiny, tmp_path, m
             else (lambda out, **kw: imagebert_cfg(emoji_tiny, regions_tiny, out, preset=INTERBERT, **kw))
             if text == "interbert" else (lambda out, **kw: tiny_cfg(emoji_tiny, out, **kw)))
     full = loop.train(make(tmp_path / "full", **extra), progress=False)
-
-    real_save = ckpt.save_checkpoint
-
-    def save_then_crash(run_dir, step, *a, **k):
-        real_save(run_dir, step, *a, **k)
-        if step == 3:
-            raise KeyboardInterrupt("simulated interruption")
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(make(tmp_path / "cut", **extra), progress=False)
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    interrupted_after(monkeypatch, 3, lambda: loop.train(make(tmp_path / "cut", **extra), progress=False))
     loop.train(make(tmp_path / "cut", **extra), resume=True, progress=False)
 
     assert len(losses(full)) == 6
