@@ -27,15 +27,16 @@ def embed_single_modal(model, tokenizer, captions: list[str], image_ids: list[st
     """-> pooled text (T, D) and pooled image (I, D), not normalised (`encode_text` / `encode_image`)."""
     from vlp.eval.rerank import _region_tensors
     model.eval()
+    device = next(model.parameters()).device
     texts = []
     for a in range(0, len(captions), batch_size):
         ids, mask = tokenizer.encode(captions[a:a + batch_size], max_len)
-        texts.append(model.encode_text(ids, mask, normalize=False))
+        texts.append(model.encode_text(ids.to(device), mask.to(device), normalize=False).float().cpu())
     images = []
     for a in range(0, len(image_ids), batch_size):
-        feats, boxes, rmask = _region_tensors(store, image_ids[a:a + batch_size])
-        images.append(model.encode_image(feats, boxes, rmask, normalize=False))
-    return torch.cat(texts).float(), torch.cat(images).float()
+        feats, boxes, rmask = (x.to(device) for x in _region_tensors(store, image_ids[a:a + batch_size]))
+        images.append(model.encode_image(feats, boxes, rmask, normalize=False).float().cpu())
+    return torch.cat(texts), torch.cat(images)
 
 
 @torch.no_grad()
@@ -54,6 +55,6 @@ def single_modal_recall(model, tokenizer, records: list, store, max_len: int, li
     t2i = torch.tensor([i for _, i in caps])
     res = recall_at_k_from_embeddings(torch.nn.functional.normalize(t, dim=-1),
                                       torch.nn.functional.normalize(v, dim=-1), t2i)
-    res["itm_weighted"] = recall_at_k_from_embeddings(t * model.itm.weight[0].float(), v, t2i)
+    res["itm_weighted"] = recall_at_k_from_embeddings(t * model.itm.weight[0].float().cpu(), v, t2i)
     res.update(mode="single_modal", seconds=round(time.perf_counter() - t0, 2))
     return res
